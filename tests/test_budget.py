@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from colm_server.select.budget import SourceTracker, allocate_budget, proportional_split
 from hypothesis import given
 from hypothesis import strategies as st
+
+from colm_server.select.budget import SourceTracker, allocate_budget, proportional_split
 
 NAMES = ["gsm8k", "math", "aqua", "numglue", "theorem", "camel", "mathqa"]
 

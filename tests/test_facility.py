@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from colm_server.select.facility import SIMILARITIES, facility_location, pairwise_similarity
 
 

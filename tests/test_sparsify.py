@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from colm_server.select.normalize import AdamNormalizer
 from colm_server.select.sketch import DenseSketch, LowRankSketch
 from colm_server.select.sparsify import gather_features, top_coordinates

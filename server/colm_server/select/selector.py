@@ -1,0 +1,115 @@
+"""`Selector`: one large batch in, a weighted coreset out; state that survives restarts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colm_server.data.collate import Batch
+from colm_server.select.budget import SourceTracker, allocate_budget
+from colm_server.select.config import SelectorConfig
+from colm_server.select.normalize import AdamNormalizer
+from colm_server.select.scoring import Scorer
+from colm_server.select.strategies import STRATEGIES, SelectionContext
+
+_MODEL_FREE = ("random", "stratified", "full")
+
+
+@dataclass
+class Selection:
+    """The chosen rows of a batch, their weights (> 0) and what happened."""
+
+    indices: torch.Tensor  # [b] long, positions in the batch
+    weights: torch.Tensor  # [b] float
+    stats: dict
+
+
+def group_rows(sources: list[str]) -> dict[str, torch.Tensor]:
+    """Source name -> its row indices, sources in sorted order for determinism."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        groups.setdefault(s, []).append(i)
+    return {s: torch.tensor(groups[s], dtype=torch.long) for s in sorted(groups)}
+
+
+class Selector:
+    """Applies a strategy to large batches; `state_dict` holds what the next step depends on."""
+
+    def __init__(self, model: nn.Module | None, config: SelectorConfig):
+        if model is None and config.strategy not in _MODEL_FREE:
+            raise ValueError(f"strategy {config.strategy!r} needs a model")
+        self.config = config
+        self.scorer = Scorer(model, config) if model is not None else None
+        self.tracker = SourceTracker()
+        self.normalizer = AdamNormalizer(beta1=config.beta1, beta2=config.beta2)
+
+    def select(self, batch: Batch, step: int) -> Selection:
+        """Choose ``min(b, len(batch))`` samples of `batch` (all of them for ``full``)."""
+        cfg = self.config
+        start = time.perf_counter()
+        self.tracker.observe(batch.sources)
+        groups = group_rows(batch.sources)
+        counts = {s: len(rows) for s, rows in groups.items()}
+        small = (self.tracker.small_sources(groups, cfg.keep_sources, cfg.small_source_share)
+                 if cfg.keep_small else set())
+        budget = min(cfg.batch_size, len(batch))
+        ctx = SelectionContext(
+            config=cfg,
+            budget=budget,
+            groups=groups,
+            allocation=allocate_budget(counts, budget, small),
+            small=small,
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step),
+            sketch=lambda: self._scorer().sketch(batch, step),
+            losses=lambda: self._scorer().losses(batch),
+            normalizer=self.normalizer,
+        )
+        try:
+            indices, weights = STRATEGIES[cfg.strategy](ctx)
+        finally:
+            if self.scorer is not None:
+                self.scorer.release()
+        if cfg.weighting == "uniform":
+            weights = torch.ones_like(weights)
+        ctx.timings["total"] = time.perf_counter() - start
+        return Selection(indices, weights.float(), self._stats(batch, ctx, indices))
+
+    def _scorer(self) -> Scorer:
+        if self.scorer is None:
+            raise ValueError(f"strategy {self.config.strategy!r} needs a model")
+        return self.scorer
+
+    @staticmethod
+    def _stats(batch: Batch, ctx: SelectionContext, indices: torch.Tensor) -> dict:
+        chosen = [batch.sources[i] for i in indices.tolist()]
+        return {
+            "sources": {
+                s: {
+                    "batch": len(rows),
+                    "selected": chosen.count(s),
+                    "small": s in ctx.small,
+                    "kept_small": s in ctx.small and chosen.count(s) == len(rows),
+                }
+                for s, rows in ctx.groups.items()
+            },
+            "timings": dict(ctx.timings),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "tracker": self.tracker.state_dict(),
+            "normalizer": self.normalizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.normalizer.load_state_dict(state["normalizer"])
+
+
+def build_selector(model: nn.Module | None, config: SelectorConfig) -> Selector:
+    """A selector for `model` (None is enough for random, stratified and full)."""
+    return Selector(model, config)

@@ -1,0 +1,120 @@
+"""Selection strategies behind one interface: ``strategy(ctx) -> (rows, weights)``.
+
+Each strategy is a plain function of a `SelectionContext`; `STRATEGIES` maps names to
+them. Adding one is a function and a registry line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from colm_server.select.config import SelectorConfig
+from colm_server.select.facility import facility_location, pairwise_similarity
+from colm_server.select.normalize import AdamNormalizer
+from colm_server.select.sketch import Sketch
+from colm_server.select.sparsify import gather_features, top_coordinates
+
+Picked = tuple[torch.Tensor, torch.Tensor]  # rows [k] (long), weights [k] (float)
+
+
+@dataclass
+class SelectionContext:
+    """Everything a strategy may use for one large batch."""
+
+    config: SelectorConfig
+    budget: int  # samples to select
+    groups: dict[str, torch.Tensor]  # source -> its rows in the batch
+    allocation: dict[str, int]  # source -> samples to select from it
+    small: set[str]  # sources kept whole when they fit
+    generator: torch.Generator
+    sketch: Callable[[], Sketch]  # per-sample gradient sketch (runs the model)
+    losses: Callable[[], torch.Tensor]  # per-sample losses (runs the model)
+    normalizer: AdamNormalizer
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(r) for r in self.groups.values())
+
+
+def _cat(parts: list[Picked]) -> Picked:
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _sample(rows: torch.Tensor, k: int, gen: torch.Generator) -> Picked:
+    """k rows uniformly without replacement, each weighted by ``len(rows) / k``."""
+    chosen = rows[torch.randperm(len(rows), generator=gen)[:k]]
+    return chosen, torch.full((k,), len(rows) / k)
+
+
+def full(ctx: SelectionContext) -> Picked:
+    """Every sample, weight 1: plain large-batch training."""
+    rows = torch.cat(list(ctx.groups.values())).sort().values
+    return rows, torch.ones(len(rows))
+
+
+def random(ctx: SelectionContext) -> Picked:
+    """A uniform random subset, weight 1."""
+    rows = torch.randperm(ctx.num_samples, generator=ctx.generator)[: ctx.budget]
+    return rows, torch.ones(len(rows))
+
+
+def stratified(ctx: SelectionContext) -> Picked:
+    """Per-source random subsets sized by the budget allocation, weighted by stratum size."""
+    return _cat([_sample(rows, ctx.allocation[s], ctx.generator)
+                 for s, rows in ctx.groups.items() if ctx.allocation[s] > 0])
+
+
+def loss(ctx: SelectionContext) -> Picked:
+    """The samples with the highest loss, weight 1."""
+    rows = torch.topk(ctx.losses().cpu(), ctx.budget).indices
+    return rows, torch.ones(len(rows))
+
+
+def colm(ctx: SelectionContext) -> Picked:
+    """CoLM: small sources kept, facility location on sparsified normalised sketches per source."""
+    cfg = ctx.config
+    picked: list[Picked] = []
+    clustered: dict[str, torch.Tensor] = {}
+    for s, rows in ctx.groups.items():
+        k = ctx.allocation[s]
+        if k == 0:
+            continue
+        if s in ctx.small or k == len(rows):
+            picked.append(_sample(rows, k, ctx.generator))
+        else:
+            clustered[s] = rows
+    if clustered:
+        t0 = time.perf_counter()
+        sketch = ctx.sketch()
+        t1 = time.perf_counter()
+        normalizer = ctx.normalizer if cfg.normalize else None
+        groups = list(clustered.values())
+        coords = top_coordinates(sketch, normalizer, groups, cfg.zo_dim, cfg.block)
+        t2 = time.perf_counter()
+        for (s, rows), cols in zip(clustered.items(), coords):
+            feats = gather_features(sketch, normalizer, rows.to(sketch.device), cols)
+            order, counts = facility_location(pairwise_similarity(feats, cfg.similarity),
+                                              ctx.allocation[s])
+            picked.append((rows[order.cpu()], counts.cpu().float()))
+        t3 = time.perf_counter()
+        chosen, _ = _cat(picked)
+        if normalizer is not None:
+            normalizer.update(sketch, chosen.to(sketch.device), cfg.block)
+        ctx.timings.update(sketch=t1 - t0, sparsify=t2 - t1, facility=t3 - t2)
+    return _cat(picked)
+
+
+STRATEGIES: dict[str, Callable[[SelectionContext], Picked]] = {
+    "colm": colm,
+    "random": random,
+    "stratified": stratified,
+    "loss": loss,
+    "full": full,
+}

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny tokenizer, tiny models and a small imbalanced batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from colm_server.data.collate import Batch, Collator
+from colm_server.model.load import attach_lora
+from colm_server.model.tiny import build_tokenizer, tiny_model
+
+
+def make_records(counts: dict[str, int], seed: int = 0) -> list[dict]:
+    """Arithmetic records, ``counts[source]`` of each source, in a seeded random order."""
+    rng = random.Random(seed)
+    sources = [s for s, n in counts.items() for _ in range(n)]
+    rng.shuffle(sources)
+    records = []
+    for i, src in enumerate(sources):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        records.append({
+            "id": f"{src}-{i}",
+            "source": src,
+            "prompt": f"{src}: {a} + {b} = ?" + " pad" * rng.randint(0, 4),
+            "response": f"{a + b}" + "!" * rng.randint(0, 6),
+        })
+    return records
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def collator(tokenizer) -> Collator:
+    return Collator(tokenizer, max_length=48)
+
+
+@pytest.fixture()
+def batch(collator) -> Batch:
+    """16 samples: two large sources and one small one."""
+    return collator(make_records({"big": 10, "mid": 5, "tiny": 1}, seed=1))
+
+
+def lora_model(arch: str = "llama", seed: int = 0, trained: bool = True):
+    """A tiny model with a LoRA adapter; `trained` gives B != 0 so A gets gradients too."""
+    model = attach_lora(tiny_model(arch, seed=seed, num_layers=2), r=4, alpha=8)
+    if trained:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.eval()
+    return model

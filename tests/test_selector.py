@@ -1,0 +1,96 @@
+"""The public selection API, used as the service and the benchmarks use it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colm_server.select import SelectorConfig, build_selector
+from conftest import lora_model, make_records
+
+STRATEGY_NAMES = ["colm", "random", "stratified", "loss", "full"]
+
+
+def config(**kw) -> SelectorConfig:
+    base = dict(batch_size=6, large_batch_size=16, zo_dim=64, small_source_share=0.1)
+    return SelectorConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_every_strategy_returns_a_weighted_subset(strategy, batch):
+    selector = build_selector(lora_model(), config(strategy=strategy))
+    sel = selector.select(batch, step=0)
+    want = len(batch) if strategy == "full" else 6
+    assert sel.indices.shape == (want,) and sel.weights.shape == (want,)
+    assert len(set(sel.indices.tolist())) == want
+    assert 0 <= sel.indices.min() and sel.indices.max() < len(batch)
+    assert (sel.weights > 0).all()
+    stats = sel.stats["sources"]
+    assert sum(s["batch"] for s in stats.values()) == len(batch)
+    assert sum(s["selected"] for s in stats.values()) == want
+
+
+@pytest.mark.parametrize("sketch", ["zo", "exact"])
+def test_colm_keeps_small_sources_and_weights_sum_to_the_batch(sketch, batch):
+    selector = build_selector(lora_model(), config(sketch=sketch, zo_probes=2))
+    sel = selector.select(batch, step=0)
+    stats = sel.stats["sources"]
+    assert stats["tiny"]["small"] and stats["tiny"]["kept_small"]
+    assert stats["tiny"]["selected"] == stats["tiny"]["batch"]
+    # Cluster sizes of each source add up to the source's count: the weights cover the batch.
+    assert sel.weights.sum().item() == pytest.approx(len(batch))
+    assert {"sketch", "sparsify", "facility", "total"} <= set(sel.stats["timings"])
+
+
+def test_same_seed_and_state_give_the_same_selection(collator):
+    batches = [collator(make_records({"a": 12, "b": 4}, seed=s)) for s in range(3)]
+    runs = []
+    for _ in range(2):
+        selector = build_selector(lora_model(), config(sketch="zo", zo_probes=2))
+        runs.append([selector.select(b, step=t) for t, b in enumerate(batches)])
+    for x, y in zip(*runs):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.weights, y.weights)
+
+
+def test_state_dict_round_trip_resumes_identically(collator):
+    batches = [collator(make_records({"a": 10, "b": 4, "c": 2}, seed=s)) for s in range(3)]
+    first = build_selector(lora_model(), config())
+    for t in range(2):
+        first.select(batches[t], step=t)
+    second = build_selector(lora_model(), config())
+    second.load_state_dict(first.state_dict())
+    a, b = first.select(batches[2], step=2), second.select(batches[2], step=2)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    assert first.state_dict()["normalizer"]["count"] == 3
+
+
+def test_budget_at_least_the_batch_selects_everything(batch):
+    selector = build_selector(lora_model(), config(batch_size=16))
+    sel = selector.select(batch, step=0)
+    assert sorted(sel.indices.tolist()) == list(range(16))
+
+
+def test_uniform_weighting_gives_unit_weights(batch):
+    sel = build_selector(lora_model(), config(weighting="uniform")).select(batch, step=0)
+    assert torch.equal(sel.weights, torch.ones(6))
+
+
+def test_model_free_strategies_need_no_model(batch):
+    sel = build_selector(None, config(strategy="stratified")).select(batch, step=0)
+    assert len(sel.indices) == 6
+    with pytest.raises(ValueError, match="needs a model"):
+        build_selector(None, config(strategy="colm"))
+
+
+@pytest.mark.parametrize("bad,field", [
+    (dict(batch_size=20), "batch_size"),
+    (dict(zo_probes=0), "zo_probes"),
+    (dict(strategy="best"), "strategy"),
+    (dict(similarity="dot"), "similarity"),
+    (dict(sketch="fd"), "sketch"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(small_source_share=-0.1), "small_source_share"),
+])
+def test_bad_config_names_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        config(**bad)
