@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # A user with a GPU can install their own torch into the venv first: pip keeps a satisfying one.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test lint clean
+.PHONY: venv test demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(PY)
 
 test: venv
 	$(PY) -m pytest -q
+
+demo: venv
+	$(VENV)/bin/colm-stream demo
 
 lint: venv
 	$(PY) -m ruff check server client tests bench

@@ -29,13 +29,11 @@ import torch
 from colm_client.loss import per_sample_loss
 from colm_server.data.collate import Batch, Collator
 from colm_server.model.load import attach_lora, decoder_layers, load_model, load_tokenizer
-from colm_server.model.split import LayerSplit
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
-from colm_server.select.exact import per_sample_grads
 from colm_server.select.facility import facility_location, pairwise_similarity
+from colm_server.select.metrics import adapter_grads, adapter_targets, matching_error
 from colm_server.select.selector import group_rows
-from colm_server.select.targets import sketch_targets
 from measure import measure
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/math-mixture/train.jsonl"
@@ -47,7 +45,6 @@ METHODS: dict[str, dict] = {
     "loss": dict(strategy="loss"),
     "colm zo K=1 (paper)": dict(strategy="colm", sketch="zo", zo_probes=1, sketch_params="probe"),
     "colm zo K=8": dict(strategy="colm", sketch="zo", zo_probes=8, sketch_params="probe"),
-    "colm exact probe, 1 layer": dict(strategy="colm", sketch="exact", sketch_params="probe"),
     "colm exact adapter, 1 layer": dict(strategy="colm", sketch="exact", sketch_layers=1),
     "colm exact adapter, 4 layers": dict(strategy="colm", sketch="exact", sketch_layers=4),
 }
@@ -73,34 +70,9 @@ def read_records(path: Path, seed: int) -> list[dict]:
     return rows
 
 
-def full_lora_grads(model, batch: Batch, micro: int) -> torch.Tensor:
-    """Exact per-sample gradients of every LoRA matrix, ``[L, D]``, in micro-batches."""
-    split = LayerSplit(model, num_top_layers=len(decoder_layers(model)))
-    targets = all_lora_targets(model)
-    rows = []
-    for i in range(0, len(batch), micro):
-        sub = batch.subset(list(range(i, min(i + micro, len(batch)))))
-        cache = split.prefix(sub.input_ids, sub.attention_mask, sub.labels)
-        grads, _ = per_sample_grads(split, cache, targets)
-        rows.append(torch.cat(grads, dim=1))
-    return torch.cat(rows)
-
-
-def all_lora_targets(model) -> list:
-    """Every LoRA matrix of the model, bottom layer first."""
-    return sketch_targets(list(decoder_layers(model)), params="adapter", probe_module="v_proj")
-
-
 def plain_forward(model, batch: Batch):
     """What a trainer's inference forward of the large batch costs: all layers, all logits."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-
-
-def match_error(g: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> float:
-    full = g.mean(0)
-    w = weights.to(g).view(-1, 1)
-    approx = (w * g[rows]).sum(0) / w.sum()
-    return ((full - approx).norm() / full.norm()).item()
 
 
 def reference_selection(g: torch.Tensor, sources: list[str], b: int, small_share: float,
@@ -145,7 +117,7 @@ def train_adapter(model, collator: Collator, records: list[dict], steps: int, ba
 
 def second_moment(model, opt, beta2: float, steps: int) -> torch.Tensor:
     """Adam's v of each LoRA matrix, flattened in the order `full_lora_grads` uses."""
-    targets = all_lora_targets(model)
+    targets = adapter_targets(model)
     return torch.cat([opt.state[t.module.weight]["exp_avg_sq"].flatten() for t in targets]) / (
         1 - beta2**steps
     )
@@ -194,25 +166,25 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
     share = selectors["stratified"].tracker.share
     for t in range(args.warmup, args.warmup + args.batches):
         batch = batches[t]
-        g = full_lora_grads(model, batch, args.micro)
+        g = adapter_grads(model, batch, args.micro)
         g_adam = g / scale
         with torch.inference_mode():
             _, fwd_s, fwd_mem = measure(partial(plain_forward, model, batch), device)
         for name, sel in selectors.items():
             s, secs, mem = measure(partial(sel.select, batch, step=t), device)
             rec = records[name]
-            rec.err.append(match_error(g, s.indices, s.weights))
-            rec.err_uniform.append(match_error(g, s.indices, torch.ones_like(s.weights)))
-            rec.err_adam.append(match_error(g_adam, s.indices, s.weights))
-            rec.err_adam_uniform.append(match_error(g_adam, s.indices, torch.ones_like(s.weights)))
+            rec.err.append(matching_error(g, s.indices, s.weights))
+            rec.err_uniform.append(matching_error(g, s.indices, torch.ones_like(s.weights)))
+            rec.err_adam.append(matching_error(g_adam, s.indices, s.weights))
+            rec.err_adam_uniform.append(matching_error(g_adam, s.indices, torch.ones_like(s.weights)))
             rec.time_ratio.append(secs / fwd_s)
             rec.mem_ratio.append(mem / max(fwd_mem, 1))
             rec.seconds.append(secs)
         for gg, key in ((g, "err"), (g_adam, "err_adam")):
             rows, w = reference_selection(gg, batch.sources, args.b, 0.03, share)
-            getattr(records[REFERENCE], key).append(match_error(gg, rows, w))
+            getattr(records[REFERENCE], key).append(matching_error(gg, rows, w))
             getattr(records[REFERENCE], f"{key}_uniform").append(
-                match_error(gg, rows, torch.ones_like(w)))
+                matching_error(gg, rows, torch.ones_like(w)))
         errs = ", ".join(f"{n.split(' (')[0]} {r.err[-1]:.3f}" for n, r in records.items())
         print(f"  [{label}] batch {t - args.warmup + 1}/{args.batches} "
               f"(forward {fwd_s:.1f}s): {errs}", flush=True)

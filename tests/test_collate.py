@@ -33,7 +33,7 @@ def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
         assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
     assert batch.input_ids[0, 0] == BOS_ID  # plain prompts get the tokenizer's BOS
     assert batch.labels[0, batch.token_counts()[0] - 1] == EOS_ID  # responses end with EOS
-    assert batch.truncated == 0 and batch.ids == ["0", "1"] and batch.sources == ["s", "s"]
+    assert batch.num_truncated == 0 and batch.ids == ["0", "1"] and batch.sources == ["s", "s"]
 
 
 def test_text_only_record_is_all_response(tokenizer):
@@ -141,14 +141,14 @@ def test_truncated_count_and_subset_trims_padding(tokenizer):
     col = Collator(tokenizer, max_length=16)
     records = [rec(0, "a", "b"), rec(1, "x" * 40, "y"), rec(2, "abc", "defgh"), rec(3, "q", "r")]
     batch = col(records)
-    assert batch.truncated == 1 and batch.input_ids.shape[1] == 16
+    assert batch.num_truncated == 1 and batch.input_ids.shape[1] == 16
     sub = batch.subset([3, 0])
-    assert sub.ids == ["3", "0"] and sub.truncated == 0
+    assert sub.ids == ["3", "0"] and sub.num_truncated == 0
     assert sub.input_ids.shape[1] == int(sub.token_counts().max()) == 4
     assert torch.equal(sub.input_ids, batch.input_ids[[3, 0], :4])
     assert torch.equal(sub.labels, batch.labels[[3, 0], :4])
     sub = batch.subset(torch.tensor([2, 1]))
-    assert sub.sources == ["s", "s"] and sub.truncated == 1 and sub.input_ids.shape[1] == 16
+    assert sub.sources == ["s", "s"] and sub.num_truncated == 1 and sub.input_ids.shape[1] == 16
     assert len(batch.subset([])) == 0
 
 

@@ -36,8 +36,7 @@ class Batch:
     labels: torch.Tensor  # LongTensor [N, T], -100 on prompt and padding
     ids: list[str]
     sources: list[str]
-    truncated: int = 0  # how many samples were truncated
-    truncated_rows: torch.Tensor | None = field(default=None, repr=False)  # BoolTensor [N]
+    truncated: torch.Tensor | None = field(default=None, repr=False)  # BoolTensor [N] or unknown
 
     def __post_init__(self) -> None:
         shape = self.input_ids.shape
@@ -62,31 +61,30 @@ class Batch:
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
-            truncated_rows=None if self.truncated_rows is None else self.truncated_rows.to(device),
         )
+
+    @property
+    def num_truncated(self) -> int:
+        """How many rows were cut to fit ``max_length`` (0 when unknown)."""
+        return 0 if self.truncated is None else int(self.truncated.sum())
 
     def token_counts(self) -> torch.Tensor:
         """Real (non-padding) tokens per row, LongTensor [N]."""
         return self.attention_mask.sum(dim=1)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> Batch:
-        """Rows ``indices`` in that order, padding trimmed to the new longest row.
-
-        ``truncated`` counts the kept truncated rows when ``truncated_rows`` is known, else 0.
-        """
+        """Rows ``indices`` in that order, padding trimmed to the new longest row."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.input_ids.device).reshape(-1)
         mask = self.attention_mask[idx]
         width = int(mask.sum(dim=1).max()) if len(idx) else 0
         rows = idx.tolist()
-        flags = None if self.truncated_rows is None else self.truncated_rows[idx]
         return Batch(
             input_ids=self.input_ids[idx, :width],
             attention_mask=mask[:, :width],
             labels=self.labels[idx, :width],
             ids=[self.ids[i] for i in rows],
             sources=[self.sources[i] for i in rows],
-            truncated=0 if flags is None else int(flags.sum()),
-            truncated_rows=flags,
+            truncated=None if self.truncated is None else self.truncated[idx.cpu()],
         )
 
 
@@ -163,7 +161,7 @@ class Collator:
             labels[i, : len(y)] = torch.tensor(y, dtype=torch.long)
             attention_mask[i, : len(x)] = 1
         flags = torch.tensor([t for _, _, t in rows], dtype=torch.bool)
-        return Batch(input_ids, attention_mask, labels, ids, sources, int(flags.sum()), flags)
+        return Batch(input_ids, attention_mask, labels, ids, sources, truncated=flags)
 
 
 def _prompt_response(rec: Mapping[str, Any]) -> tuple[str, str]:

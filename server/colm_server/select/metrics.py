@@ -1,0 +1,38 @@
+"""How well a weighted coreset stands in for its large batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from colm_server.data.collate import Batch
+from colm_server.model.load import decoder_layers
+from colm_server.model.split import LayerSplit
+from colm_server.select.exact import per_sample_grads
+from colm_server.select.targets import SketchTarget, sketch_targets
+
+
+def adapter_targets(model: nn.Module) -> list[SketchTarget]:
+    """Every LoRA matrix of the model, bottom layer first."""
+    return sketch_targets(list(decoder_layers(model)), params="adapter", probe_module="v_proj")
+
+
+def adapter_grads(model: nn.Module, batch: Batch, micro_batch: int = 8) -> torch.Tensor:
+    """Exact per-sample gradients of every LoRA matrix, ``[N, D]``, a few samples at a time."""
+    split = LayerSplit(model, num_top_layers=len(decoder_layers(model)))
+    targets = adapter_targets(model)
+    rows = []
+    for i in range(0, len(batch), micro_batch):
+        sub = batch.subset(list(range(i, min(i + micro_batch, len(batch)))))
+        cache = split.prefix(sub.input_ids, sub.attention_mask, sub.labels)
+        grads, _ = per_sample_grads(split, cache, targets)
+        rows.append(torch.cat(grads, dim=1))
+    return torch.cat(rows)
+
+
+def matching_error(grads: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> float:
+    """``||G - sum w_i g_i / sum w_i|| / ||G||`` with G the mean of all rows of `grads`."""
+    full = grads.mean(0)
+    w = weights.to(grads).view(-1, 1)
+    approx = (w * grads[rows.to(grads.device)]).sum(0) / w.sum()
+    return ((full - approx).norm() / full.norm()).item()
