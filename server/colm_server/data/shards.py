@@ -1,0 +1,279 @@
+"""Training records from sharded WebDataset streams: seeded epochs, bad input skipped, exact resume.
+
+A shard is a .tar (local path, ``file:``, ``pipe:`` command or http URL) whose samples hold a
+``json`` member ``{id, source, prompt, response}`` (or ``text`` instead of prompt/response).
+The order of epoch ``e`` is a pure function of (seed, e, the shards): the shard order and the
+shuffle buffer are both seeded by (seed, e). Resuming replays the epoch's order and drops the
+records already yielded, so a resume costs a re-read of that epoch's prefix, and is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import braceexpand
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+logger = logging.getLogger(__name__)
+
+REASONS = (
+    "bad_json", "bad_utf8", "missing_field", "too_large", "missing_json",
+    "duplicate_id", "truncated_tar", "read_error",
+)
+
+
+@dataclass(kw_only=True)
+class ShardConfig:
+    """Where the shards are, how an epoch is ordered, and what a valid record looks like."""
+
+    urls: str | list[str] = field(metadata={"help": "shard URL patterns, brace-expanded: s-{000..009}.tar"})
+    seed: int = field(default=0, metadata={"help": "seeds each epoch's shard order and shuffle buffer"})
+    shuffle_shards: bool = field(default=True, metadata={"help": "permute the shard order every epoch"})
+    buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer, in records; 0 = no shuffle"})
+    id_field: str = field(default="id", metadata={"help": "JSON key of the unique sample id"})
+    source_field: str = field(default="source", metadata={"help": "JSON key of the sample's source dataset"})
+    prompt_field: str = field(default="prompt", metadata={"help": "JSON key of the prompt (may be empty)"})
+    response_field: str = field(default="response", metadata={"help": "JSON key of the response"})
+    text_field: str = field(
+        default="text", metadata={"help": "JSON key of plain text, used as the response when there is none"}
+    )
+    allow_pipe: bool = field(
+        default=False, metadata={"help": "allow pipe: URLs, which run shell commands; off for safety"}
+    )
+    max_record_bytes: int = field(
+        default=1 << 20, metadata={"help": "json members larger than this are skipped as too_large"}
+    )
+
+    def __post_init__(self) -> None:
+        patterns = [self.urls] if isinstance(self.urls, str) else self.urls
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p.strip() for p in patterns):
+            raise ValueError(f"urls: must be a non-empty string or a list of them, got {self.urls!r}")
+        shards = expand_urls(self.urls)
+        if not shards:
+            raise ValueError("urls: expands to no shard")
+        if not self.allow_pipe and any(u.lstrip().startswith("pipe:") for u in shards):
+            raise ValueError("urls: a pipe: URL runs a shell command; set allow_pipe=True to allow it")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed: must be an int, got {self.seed!r}")
+        if not isinstance(self.buffer, int) or self.buffer < 0:
+            raise ValueError(f"buffer: must be an int >= 0, got {self.buffer!r}")
+        if not isinstance(self.max_record_bytes, int) or self.max_record_bytes < 1:
+            raise ValueError(f"max_record_bytes: must be an int >= 1, got {self.max_record_bytes!r}")
+        for name in ("id_field", "source_field", "prompt_field", "response_field", "text_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """The shard list: every pattern brace-expanded, in the order given."""
+    patterns = [urls] if isinstance(urls, str) else urls
+    return [u for p in patterns for u in braceexpand.braceexpand(p)]
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """Shard indices in the order epoch ``epoch`` reads them: a permutation seeded by (seed, epoch)."""
+    order = list(range(num_shards))
+    if shuffle:  # a str seed is hashed with sha512: stable across processes and Python versions
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; ``reason`` is its skip counter."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _nonempty(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def parse_record(data: bytes, config: ShardConfig) -> dict[str, str]:
+    """A json member as ``{id, source, prompt, response}``; raises BadRecord(reason) when unusable."""
+    if len(data) > config.max_record_bytes:
+        raise BadRecord("too_large")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord("bad_utf8") from None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise BadRecord("bad_json") from None
+    if not isinstance(obj, dict):
+        raise BadRecord("bad_json")
+    ident = obj.get(config.id_field)
+    if isinstance(ident, int) and not isinstance(ident, bool):
+        ident = str(ident)
+    prompt, response = obj.get(config.prompt_field) or "", obj.get(config.response_field)
+    if not _nonempty(response):  # plain-text record: all of it is trained on
+        prompt, response = "", obj.get(config.text_field)
+    record = {"id": ident, "source": obj.get(config.source_field), "prompt": prompt, "response": response}
+    if not (_nonempty(ident) and _nonempty(record["source"]) and _nonempty(response)
+            and isinstance(prompt, str)):
+        raise BadRecord("missing_field")
+    try:  # JSON escapes can smuggle in lone surrogates, which no tokenizer or protobuf accepts
+        "".join(record.values()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord("bad_utf8") from None
+    return record
+
+
+def _failure_reason(exn: Exception, samples_read: int) -> str:
+    """truncated_tar when a tar stream ends early, read_error for anything else (not a tar, I/O)."""
+    message = str(exn.args[0]) if exn.args else ""
+    if isinstance(exn, EOFError) or (
+        isinstance(exn, tarfile.ReadError)
+        and (samples_read > 0 or "end of data" in message or "truncated" in message)
+    ):
+        return "truncated_tar"
+    return "read_error"
+
+
+class ShardStream:
+    """Endless iterator of records ``{id, source, prompt, response, epoch}`` over seeded epochs.
+
+    Implements the Stateful contract: ``state_dict()`` is (epoch, records yielded in it, skip
+    counters); ``load_state_dict`` replays the epoch's prefix to resume exactly. The ids seen in
+    the current epoch are held in memory to drop duplicates. One reader: no split across workers.
+    """
+
+    def __init__(self, config: ShardConfig):
+        self.config = config
+        self.shards = expand_urls(config.urls)
+        self._epoch = 0
+        self._position = 0
+        self._skipped: Counter[str] = Counter()
+        self._records: Iterator[dict] | None = None
+        self._replaying = False
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records (or shards, for read errors) skipped so far, per reason."""
+        return dict(self._skipped)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (0-based); it advances when a record of the next epoch is asked for."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Records yielded so far in the current epoch."""
+        return self._position
+
+    def __iter__(self) -> ShardStream:
+        return self
+
+    def __next__(self) -> dict:
+        if self._records is None:
+            self._records = self._epoch_records(self._epoch)
+        for record in self._records:
+            self._position += 1
+            return {**record, "epoch": self._epoch}
+        if self._position == 0:
+            raise RuntimeError(
+                f"no valid record in {len(self.shards)} shard(s) ({self.shards[0]} ...); "
+                f"skipped: {self.skipped}"
+            )
+        self._epoch, self._position, self._records = self._epoch + 1, 0, None
+        return next(self)
+
+    def take(self, n: int) -> list[dict]:
+        """The next ``n`` records, crossing epoch boundaries as needed."""
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: epoch, records yielded in it, skip counters, and a fingerprint of the order."""
+        return {"epoch": self._epoch, "position": self._position, "skipped": self.skipped,
+                "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a cursor from ``state_dict``: re-reads the epoch up to ``position`` records."""
+        if state.get("fingerprint") != self._fingerprint():
+            raise ValueError("state_dict: saved by a stream with other shards or order settings")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"state_dict: epoch and position must be >= 0, got {epoch}, {position}")
+        self._epoch, self._position, self._records = epoch, 0, self._epoch_records(epoch)
+        self._replaying = True
+        try:
+            for _ in range(position):
+                if next(self._records, None) is None:
+                    raise ValueError(f"state_dict: epoch {epoch} now has {self._position} records, "
+                                     f"fewer than the saved position {position}; did the shards change?")
+                self._position += 1
+        finally:
+            self._replaying = False
+        self._skipped = Counter(state.get("skipped", {}))
+
+    def _fingerprint(self) -> str:
+        """What the order depends on; the shard count, not the URLs, so moved shards still resume."""
+        key = {**asdict(self.config), "urls": len(self.shards)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _skip(self, reason: str, url: str, key: str | None, detail: object = "") -> None:
+        self._skipped[reason] += 1
+        if not self._replaying:
+            logger.warning("skipped (%s): shard %s key %s %s", reason, url, key or "-", detail)
+
+    def _epoch_records(self, epoch: int) -> Iterator[dict]:
+        """Valid records of one epoch, in its seeded order, each id at most once."""
+        cfg = self.config
+        order = shard_order(len(self.shards), cfg.seed, epoch, cfg.shuffle_shards)
+        records = self._unique_records(self.shards[i] for i in order)
+        if cfg.buffer > 0:
+            rng = random.Random(f"buffer:{cfg.seed}:{epoch}")
+            records = wds.filters.shuffle(bufsize=cfg.buffer, initial=cfg.buffer, rng=rng)(records)
+        return iter(records)
+
+    def _unique_records(self, urls: Iterator[str]) -> Iterator[dict]:
+        seen: set[str] = set()
+        for url in urls:
+            for sample in self._shard_samples(url):
+                key = sample.get("__key__")
+                if "json" not in sample:
+                    self._skip("missing_json", url, key, sorted(k for k in sample if not k.startswith("__")))
+                    continue
+                try:
+                    record = parse_record(sample["json"], self.config)
+                except BadRecord as bad:
+                    self._skip(bad.reason, url, key)
+                    continue
+                if record["id"] in seen:
+                    self._skip("duplicate_id", url, key, record["id"])
+                    continue
+                seen.add(record["id"])
+                yield record
+
+    def _shard_samples(self, url: str) -> Iterator[dict]:
+        """Samples of one shard; a read failure skips the rest of the shard and is counted once."""
+        stream, count = None, 0
+        try:
+            stream = wds.gopen(url)
+            files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+            for sample in group_by_keys(files):
+                count += 1
+                yield sample
+            stream.close()  # a pipe: command reports a failed exit status here
+        except Exception as exn:  # any failure of one shard must not end the stream
+            reason = "read_error" if stream is None else _failure_reason(exn, count)
+            message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
+            self._skip(reason, url, None, f"{type(exn).__name__}: {message}")
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:  # already abandoned (error or interrupted); nothing to add
+                    pass
