@@ -1,0 +1,367 @@
+"""The selector's configuration: one typed dataclass per section, from YAML and ``--set`` overrides.
+
+YAML keys, CLI help and the README's table all come from the fields below (help in field metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from colm_server.data.shards import ShardConfig, expand_urls
+from colm_server.select.config import SelectorConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The frozen base model and the LoRA adapter the selector scores with."""
+
+    source: str = _field("tiny:llama", "HF model folder, .gguf file, 'smollm2', or 'tiny:<arch>' (random)")
+    num_layers: int | None = _field(None, "keep only the first n decoder layers (smoke tests); null = all")
+    device: str = _field("auto", "'auto' (cuda when available), 'cuda', 'cuda:N' or 'cpu'")
+    dtype: str = _field("auto", f"one of {DTYPES}; auto = bfloat16 on cuda, float32 on cpu")
+    lora_r: int = _field(8, "LoRA rank")
+    lora_alpha: float = _field(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _field(0.0, "LoRA dropout of the trainers' adapter (off while scoring)")
+    lora_targets: list[str] | None = _field(
+        None, "modules LoRA wraps, e.g. [q_proj, v_proj]; null = the attention projections")
+    adapter: str | None = _field(None, "peft adapter folder to start from (its r/alpha/targets then rule)")
+
+    def __post_init__(self) -> None:
+        _check_types(self, "model")
+        _check(self.source.strip() != "", "model.source", "must not be empty")
+        _check(self.num_layers is None or self.num_layers >= 1, "model.num_layers",
+               f"must be >= 1 or null, got {self.num_layers}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.lora_r >= 1, "model.lora_r", f"must be >= 1, got {self.lora_r}")
+        _check(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout",
+               f"must be in [0, 1), got {self.lora_dropout}")
+        _check(self.lora_targets is None or (len(self.lora_targets) > 0 and all(self.lora_targets)),
+               "model.lora_targets", f"must be a non-empty list of names or null, got {self.lora_targets}")
+        _check(self.adapter != "", "model.adapter", "must be a folder or null")
+
+    def resolve(self, cuda_available: bool) -> tuple[str, str]:
+        """``(device, dtype)`` with ``auto`` decided: cuda when available; bfloat16 on cuda, else float32."""
+        device = ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
+        auto = "bfloat16" if device.startswith("cuda") else "float32"
+        return device, auto if self.dtype == "auto" else self.dtype
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizeConfig:
+    """How records become token rows."""
+
+    max_length: int = _field(512, "tokens per sample; longer samples are truncated")
+    chat_template: bool = _field(True, "wrap prompts in the tokenizer's chat template when it has one")
+    min_prompt_fraction: float = _field(0.25, "share of max_length kept for the prompt's head if truncating")
+
+    def __post_init__(self) -> None:
+        _check_types(self, "tokenize")
+        _check(self.max_length >= 2, "tokenize.max_length", f"must be >= 2, got {self.max_length}")
+        _check(0.0 <= self.min_prompt_fraction <= 1.0, "tokenize.min_prompt_fraction",
+               f"must be in [0, 1], got {self.min_prompt_fraction}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ServiceConfig:
+    """The gRPC service: where it listens, the job's ranks, flow control, and the journal."""
+
+    job_id: str = _field("default", "the training job this selector serves; trainers join with it")
+    host: str = _field("127.0.0.1", "address to listen on")
+    port: int = _field(50051, "port to listen on; 0 = pick a free port")
+    world_size: int = _field(1, "W: trainer ranks of the job")
+    prefetch: int = _field(2, "steps selected ahead of the slowest rank (staleness bound)")
+    max_inflight: int = _field(4, "unacknowledged batches per rank")
+    sync_every: int = _field(0, "steps between adapter pushes; 0 = the trainers decide")
+    max_message_mb: int = _field(64, "largest gRPC message, in MiB")
+    max_adapter_mb: int = _field(1024, "largest adapter push, in MiB")
+    work_dir: str = _field("./colm-work", "journal, cursor and normalisation state live here")
+    journal_retention: int = _field(1000, "journaled steps kept for trainer restarts; older ones are pruned")
+    auth_token: str | None = _field(None, "shared token trainers send as call metadata; null = no auth")
+
+    def __post_init__(self) -> None:
+        _check_types(self, "service")
+        for name in ("job_id", "host", "work_dir"):
+            _check(getattr(self, name).strip() != "", f"service.{name}", "must not be empty")
+        _check(0 <= self.port <= 65535, "service.port", f"must be in [0, 65535], got {self.port}")
+        for name in ("world_size", "prefetch", "max_inflight", "max_message_mb", "max_adapter_mb"):
+            _check(getattr(self, name) >= 1, f"service.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.sync_every >= 0, "service.sync_every", f"must be >= 0, got {self.sync_every}")
+        _check(self.max_message_mb < 2048, "service.max_message_mb",
+               f"must be < 2048 (gRPC's limit), got {self.max_message_mb}")
+        window = self.prefetch + self.max_inflight  # a reconnecting rank may ask for any step in it
+        _check(self.journal_retention >= window, "service.journal_retention",
+               f"must be >= prefetch + max_inflight ({window}), got {self.journal_retention}")
+        _check(self.auth_token != "", "service.auth_token", "must be a token or null")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": ShardConfig, "tokenize": TokenizeConfig,
+                             "selector": SelectorConfig, "service": ServiceConfig}
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The whole selector: one section per concern. ``data.urls`` is None until given."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: ShardConfig = field(default_factory=lambda: _build_section("data", {}))
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+    def __post_init__(self) -> None:
+        layers = self.model.num_layers
+        _check(layers is None or self.selector.sketch_layers <= layers, "selector.sketch_layers",
+               f"must not exceed model.num_layers ({layers}), got {self.selector.sketch_layers}")
+
+    def validate_for_serving(self) -> None:
+        """Raise ValueError when something a running selector needs is missing (the shard URLs)."""
+        _check(self.data.urls is not None, "data.urls",
+               "required: set it under data: in the config file or with --set data.urls=PATTERN")
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint``, converting only losslessly (int to float, list to tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arm)
+            except ValueError:
+                pass
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return origin(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+            return float(value)
+    elif hint in (bool, int, str):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported field type {hint}")
+    raise ValueError(f"{key}: expected {_type_name(hint)}, got {_show(value)}")
+
+
+def _check_types(obj: Any, section: str) -> None:
+    for name, hint in _hints(type(obj)).items():
+        setattr(obj, name, _coerce(f"{section}.{name}", getattr(obj, name), hint))
+
+
+def _build_section(section: str, values: Mapping[str, Any]) -> Any:
+    cls, hints = SECTIONS[section], _hints(SECTIONS[section])
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()
+              if not (section == "data" and k == "urls" and v is None)}
+    unset = section == "data" and "urls" not in kwargs
+    if unset:  # validate every other data key now; data.urls stays None until serving
+        kwargs["urls"] = "unset"
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # SelectorConfig and ShardConfig name the field without its section
+        message = str(e)
+        first = re.match(r"\w+", message)
+        if first and first.group() in hints:
+            raise ValueError(f"{section}.{message}") from None
+        raise
+    if unset:
+        obj.urls = None
+    return obj
+
+
+def _key(section: Any, name: Any = None) -> None:
+    """Refuse an unknown section or key, listing the valid ones."""
+    if section not in SECTIONS:
+        raise ValueError(f"{_show(section)}: unknown section; valid sections: {', '.join(SECTIONS)}")
+    valid = [f.name for f in fields(SECTIONS[section])]
+    if name is not None and name not in valid:
+        raise ValueError(f"{section}.{name}: unknown key; valid keys of {section}: {', '.join(valid)}")
+
+
+def _collect(doc: Any, origin: str) -> dict[str, dict[str, Any]]:
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{origin}: expected a mapping of sections {list(SECTIONS)}, got {_show(doc)}")
+    values: dict[str, dict[str, Any]] = {}
+    for section, body in doc.items():
+        _key(section)
+        if not isinstance(body, (Mapping, type(None))):
+            raise ValueError(f"{section}: expected a mapping of keys, got {_show(body)}")
+        for name, value in (body or {}).items():
+            _key(section, name)
+            values.setdefault(section, {})[name] = value
+    return values
+
+
+def _parse_override(item: Any, values: dict[str, dict[str, Any]]) -> None:
+    """Apply ``section.key=value``; the value is YAML, or the raw text where a string is expected."""
+    key, equals, text = item.partition("=") if isinstance(item, str) else ("", "", "")
+    section, _, name = key.strip().partition(".")
+    if not (equals and name):
+        raise ValueError(f"override {_show(item)}: expected section.key=value, e.g. selector.batch_size=16")
+    _key(section, name)
+    hint = _hints(SECTIONS[section])[name]
+    takes_str = hint is str or str in typing.get_args(hint)
+    try:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+        if not takes_str or text.lstrip().startswith("["):
+            raise ValueError(f"{section}.{name}: cannot parse {_show(text)} ({type(e).__name__})") from None
+        value = text.strip()
+    if takes_str and not isinstance(value, (str, list, type(None))):  # job_id=007 stays "007"
+        value = text.strip()
+    values.setdefault(section, {})[name] = value
+
+
+def from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A validated Config from ``{section: {key: value}}`` (as ``to_dict`` writes) plus overrides."""
+    return _from_values(_collect(data, "config"), overrides)
+
+
+def _from_values(values: dict[str, dict[str, Any]], overrides: Sequence[str]) -> Config:
+    for item in overrides:
+        _parse_override(item, values)
+    sections = {name: _build_section(name, values.get(name, {})) for name in SECTIONS}
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The config of a YAML file (None: the defaults) with ``section.key=value`` overrides applied."""
+    try:
+        doc = None if path is None else yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return _from_values(_collect(doc, str(path)), overrides)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
+def config_fields() -> list[tuple[str, str, str]]:
+    """``(section.key, default as text, help)`` for every field of every section, in declaration order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = (f.default if f.default is not MISSING
+                       else f.default_factory() if f.default_factory is not MISSING else MISSING)
+            text = "(required)" if default is MISSING else _text(default)
+            rows.append((f"{section}.{f.name}", text, f.metadata.get("help", "")))
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}`` of plain YAML/JSON types; ``from_dict`` reads it back."""
+    return {name: {f.name: _plain(getattr(getattr(config, name), f.name)) for f in fields(cls)}
+            for name, cls in SECTIONS.items()}
+
+
+def to_yaml(config: Config) -> str:
+    """The config as a YAML file ``load_config`` reads, headed by its fingerprint."""
+    return f"# fingerprint: {fingerprint(config)}\n" + yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# Keys that decide a job's selections. Not: where it runs (device, dtype: a resumed selector replays
+# its journal), the starting adapter (pushes replace it), data.allow_pipe, or the service's plumbing.
+JOB_KEYS = ("model.source", "model.num_layers", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
+            "model.lora_targets", "tokenize", "selector", "data", "service.world_size")
+_NOT_JOB_KEYS = ("data.allow_pipe",)
+
+
+def fingerprint(config: Config) -> str:
+    """Short sha256 of the ``JOB_KEYS``: trainers and a restarted selector check they agree on it."""
+    flat = {f"{s}.{k}": v for s, body in to_dict(config).items() for k, v in body.items()}
+    job = {k: v for k, v in flat.items() if k not in _NOT_JOB_KEYS
+           and any(k == p or k.startswith(p + ".") for p in JOB_KEYS)}
+    if job["data.urls"] is not None:  # "s-{0..1}.tar" and ["s-0.tar", "s-1.tar"] are one job
+        job["data.urls"] = expand_urls(job["data.urls"])
+    blob = json.dumps(job, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_help() -> str:
+    """The keys, defaults and help, one per line, for ``--help``."""
+    rows = config_fields()
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"  {k:<{width}}  {h} [default: {d}]" for k, d, h in rows]
+    return "configuration keys (--set KEY=VALUE, or KEY under its section in --config):\n" + "\n".join(lines)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config``, repeated ``--set key=value`` and ``--print-config``; list the keys in the epilog."""
+    parser.add_argument("--config", metavar="PATH", help=f"YAML file, a mapping per section {list(SECTIONS)}")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one key (repeatable); VALUE is YAML: 16, true, null, [q_proj, v_proj]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit")
+    parser.epilog = (parser.epilog + "\n\n" if parser.epilog else "") + config_help()
+    if parser.formatter_class is argparse.HelpFormatter:  # keep the key table's lines
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Config:
+    """The Config of parsed arguments; errors go to ``parser.error`` when given; ``--print-config`` exits."""
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
+    if getattr(args, "print_config", False):
+        sys.stdout.write(to_yaml(config))
+        raise SystemExit(0)
+    return config
