@@ -1,0 +1,85 @@
+"""Push a trainer's LoRA adapter to the selector so its selections follow training."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+
+import grpc
+import torch
+from torch import nn
+
+from colm_client.proto import selector_pb2 as pb
+from colm_client.proto import selector_pb2_grpc as pb_grpc
+from colm_client.tensors import NAMES, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA parameters by name, the adapter name dropped (as peft saves them)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            parts = name.split(".")
+            adapter = getattr(model, "active_adapter", "default")
+            out[".".join(p for p in parts if p != adapter)] = param
+    return out
+
+
+def adapter_chunks(state: dict[str, torch.Tensor], job_id: str, trainer_step: int,
+                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.AdapterChunk]:
+    """The push as a stream of chunks: a header per tensor, the sha256 on the last chunk."""
+    digest = hashlib.sha256()
+    messages: list[pb.AdapterChunk] = []
+    for name, tensor in state.items():
+        data = tensor_bytes(tensor)
+        digest.update(data)
+        header = pb.TensorHeader(name=name, shape=list(tensor.shape), dtype=NAMES[tensor.dtype],
+                                 nbytes=len(data))
+        pieces = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+        for i, piece in enumerate(pieces):
+            messages.append(pb.AdapterChunk(header=header if i == 0 else None, data=piece))
+    if not messages:
+        raise ValueError("the model has no LoRA parameters to push")
+    messages[0].job_id = job_id
+    messages[0].trainer_step = trainer_step
+    messages[-1].sha256 = digest.hexdigest()
+    yield from messages
+
+
+class AdapterSync:
+    """Every `every` steps, rank `push_rank` pushes its adapter; the others do nothing."""
+
+    def __init__(self, target: str, model: nn.Module, every: int, job_id: str = "default",
+                 rank: int | None = None, push_rank: int = 0, timeout: float = 120.0):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model, self.every, self.job_id, self.timeout = model, every, job_id, timeout
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.push_rank = push_rank
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", 64 << 20)])
+        self._stub = pb_grpc.SelectorStub(self._channel)
+        self.version: int | None = None
+
+    def maybe_push(self, step: int) -> int | None:
+        """Push after step `step` when it is a multiple of `every`; the new param version."""
+        if self.rank != self.push_rank or (step + 1) % self.every:
+            return None
+        return self.push(step)
+
+    def push(self, step: int) -> int:
+        state = {k: v.detach() for k, v in adapter_state(self.model).items()}
+        reply = self._stub.PushAdapter(adapter_chunks(state, self.job_id, step),
+                                       timeout=self.timeout)
+        self.version = reply.param_version
+        logger.info("adapter of step %d pushed: selector param version %d", step, self.version)
+        return self.version
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,1 @@
+"""The selector service: a thin gRPC shell around the selection engine."""

@@ -1,0 +1,251 @@
+"""One training job: draw, select, deal, journal; then hand each rank its batches in order.
+
+A producer thread turns the record stream into steps: ``W*L`` records, one selection of
+``W*b``, ``b`` per rank, journaled before any rank can see them. It runs at most
+``prefetch`` steps ahead of the slowest rank, and adapter pushes are swapped in between two
+selections. Ranks read committed steps from the journal, so a reconnecting rank and a
+restarted selector see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from colm_server.data.collate import Collator
+from colm_server.data.shards import ShardStream
+from colm_server.select import Selector
+from colm_server.service.batches import RankBatch, deal, rows_of
+from colm_server.service.journal import Journal
+
+logger = logging.getLogger(__name__)
+
+
+class JobStopped(RuntimeError):
+    """The job is shutting down; streams end with a status the client retries on."""
+
+
+@dataclass
+class RankState:
+    """Flow-control bookkeeping of one rank."""
+
+    connected: bool = False
+    acked: int = -1  # last step the rank acknowledged
+    next_step: int = 0  # next step to send
+    connection: int = 0  # id of the live connection; a stale stream sees it change
+    is_active: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class PendingAdapter:
+    """Validated adapter weights waiting for the gap between two selections."""
+
+    tensors: dict[str, torch.Tensor]
+    trainer_step: int
+    applied: threading.Event = field(default_factory=threading.Event)
+    version: int = 0
+
+
+class Job:
+    """Produces the steps of one job and serves them to its ranks."""
+
+    def __init__(
+        self,
+        *,
+        selector: Selector,
+        collator: Collator,
+        stream: ShardStream,
+        journal: Journal,
+        world_size: int,
+        per_rank_large: int,
+        prefetch: int,
+        max_inflight: int,
+        adapter: dict[str, torch.Tensor] | None = None,
+        on_adapter: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+    ):
+        self.selector, self.collator, self.stream, self.journal = selector, collator, stream, journal
+        self.world_size, self.per_rank_large = world_size, per_rank_large
+        self.prefetch, self.max_inflight = prefetch, max_inflight
+        self.adapter = adapter or {}  # name -> live parameter tensor the selector scores with
+        self.on_adapter = on_adapter  # persists an applied adapter (work dir)
+        self.ranks = [RankState() for _ in range(world_size)]
+        self.param_version = 0
+        self.next_step = 0  # next step to select
+        self.source_selected: dict[str, int] = {}
+        self._pending: PendingAdapter | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._restore()
+
+    # --- producer -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._produce, name="colm-producer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop producing; the step being selected is finished and journaled first."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _slowest(self) -> int:
+        return min(r.acked for r in self.ranks) + 1
+
+    def _produce(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        # Idle or not, no selection runs here: a push may be swapped in now,
+                        # so a trainer waiting for its push never waits on a stalled rank.
+                        self._apply_pending()
+                        if self._stopping:
+                            return
+                        if self.next_step < self._slowest() + self.prefetch:
+                            break
+                        self._cond.wait()
+                    step = self.next_step
+                self._select_step(step)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting rank
+            logger.exception("producer failed")
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _select_step(self, step: int) -> None:
+        records = self.stream.take(self.world_size * self.per_rank_large)
+        batch = self.collator(records)
+        sel = self.selector.select(batch, step=step)
+        tokens, prompt_lens = rows_of(batch)
+        chosen = sel.indices.tolist()
+        weight_of = dict(zip(chosen, sel.weights.tolist()))
+        dealt = deal(chosen, [len(tokens[i]) for i in chosen], self.world_size)
+        epoch = int(records[-1].get("epoch", 0)) if records else 0
+        ranks = [
+            RankBatch(
+                step=step, rank=r, epoch=epoch, param_version=self.param_version,
+                ids=[batch.ids[i] for i in rows], sources=[batch.sources[i] for i in rows],
+                weights=[weight_of[i] for i in rows], tokens=[tokens[i] for i in rows],
+                prompt_lens=[prompt_lens[i] for i in rows],
+            )
+            for r, rows in enumerate(dealt)
+        ]
+        for i in chosen:
+            self.source_selected[batch.sources[i]] = self.source_selected.get(batch.sources[i], 0) + 1
+        self.journal.commit(step, ranks, self._state(step + 1))
+        with self._cond:
+            self.next_step = step + 1
+            self._cond.notify_all()
+
+    def _state(self, next_step: int) -> dict:
+        return {
+            "next_step": next_step,
+            "param_version": self.param_version,
+            "stream": self.stream.state_dict(),
+            "selector": self.selector.state_dict(),
+            "source_selected": dict(self.source_selected),
+        }
+
+    def _restore(self) -> None:
+        state = self.journal.state()
+        if state is None:
+            return
+        self.next_step = state["next_step"]
+        self.param_version = state["param_version"]
+        self.stream.load_state_dict(state["stream"])
+        self.selector.load_state_dict(state["selector"])
+        self.source_selected = dict(state["source_selected"])
+        for r in self.ranks:  # ranks rejoin with their own start_step
+            r.acked = self.next_step - 1 - self.prefetch
+        logger.info("resumed at step %d, param version %d", self.next_step, self.param_version)
+
+    # --- adapter sync ---------------------------------------------------------------------
+    def push_adapter(self, tensors: dict[str, torch.Tensor], trainer_step: int,
+                     timeout: float | None = None) -> int:
+        """Queue validated weights; return the version once applied between two selections."""
+        pending = PendingAdapter(tensors, trainer_step)
+        with self._cond:
+            self._pending = pending  # a newer push supersedes one not yet applied
+            self._cond.notify_all()
+        if self._thread is None or not self._thread.is_alive():
+            with self._cond:
+                self._apply_pending()
+        if not pending.applied.wait(timeout):
+            raise TimeoutError("adapter not applied in time")
+        return pending.version
+
+    def _apply_pending(self) -> None:
+        """Swap in the pending adapter (called with the lock held, between selections)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        with torch.no_grad():
+            for name, value in pending.tensors.items():
+                self.adapter[name].copy_(value.to(self.adapter[name]))
+        self.param_version += 1
+        pending.version = self.param_version
+        if self.on_adapter is not None:
+            self.on_adapter(pending.tensors, self.param_version)
+        pending.applied.set()
+        logger.info("adapter from trainer step %d applied as version %d",
+                    pending.trainer_step, self.param_version)
+
+    # --- consumers ------------------------------------------------------------------------
+    def connect(self, rank: int, start_step: int, is_active: Callable[[], bool]) -> int:
+        """Make a connection the rank's live one from `start_step`; returns its id.
+
+        A second live connection is refused; one whose predecessor is gone (a restarted
+        trainer whose old stream has not been torn down yet) takes over.
+        """
+        with self._cond:
+            state = self.ranks[rank]
+            if state.connected and state.is_active():
+                raise ValueError(f"rank {rank} is already connected")
+            state.connection += 1
+            state.connected, state.is_active = True, is_active
+            state.next_step = start_step
+            state.acked = max(state.acked, start_step - 1)
+            self._cond.notify_all()
+            return state.connection
+
+    def disconnect(self, rank: int, connection: int) -> None:
+        with self._cond:
+            state = self.ranks[rank]
+            if state.connection == connection:
+                state.connected = False
+            self._cond.notify_all()
+
+    def ack(self, rank: int, step: int) -> None:
+        with self._cond:
+            state = self.ranks[rank]
+            state.acked = max(state.acked, step)
+            self._cond.notify_all()
+
+    def next_batch(self, rank: int, connection: int, poll: float = 0.5) -> RankBatch | None:
+        """Block until the rank may have its next step (committed, within credit).
+
+        None once the connection is no longer the rank's live one or its client is gone.
+        """
+        with self._cond:
+            state = self.ranks[rank]
+            step = state.next_step
+            while True:
+                if self._error is not None:
+                    raise RuntimeError(f"selector failed: {self._error}") from self._error
+                if self._stopping:
+                    raise JobStopped("selector is shutting down")
+                if state.connection != connection or not state.connected or not state.is_active():
+                    return None
+                if step < self.next_step and step - state.acked <= self.max_inflight:
+                    break
+                self._cond.wait(poll)  # re-check the client's liveness now and then
+            state.next_step = step + 1
+        return self.journal.read(step, rank)

@@ -1,0 +1,130 @@
+"""Build the selector from a `Config` and serve it over gRPC: `colm-selector serve`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from colm_client.proto import selector_pb2 as pb
+from colm_client.proto import selector_pb2_grpc as pb_grpc
+from colm_client.sync import adapter_state
+from colm_server.config import Config, fingerprint
+from colm_server.data.collate import Collator
+from colm_server.data.shards import ShardStream
+from colm_server.model.load import attach_lora, load_model, load_tokenizer
+from colm_server.select import build_selector
+from colm_server.service.job import Job
+from colm_server.service.journal import Journal
+from colm_server.service.servicer import SelectorServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
+ADAPTER_FILE = "adapter.pt"
+
+
+def build_job(config: Config) -> tuple[Job, Collator]:
+    """Load model, tokenizer, shards and journal; restore the job from the work dir if any."""
+    config.validate_for_serving()
+    mc, sc = config.model, config.service
+    device, dtype = mc.resolve(torch.cuda.is_available())
+    model = load_model(mc.source, dtype=getattr(torch, dtype), num_layers=mc.num_layers)
+    model = attach_lora(model, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
+                        targets=mc.lora_targets, adapter=mc.adapter).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # the selector never trains; sketches need no weight grads
+    adapter = adapter_state(model)
+    work = Path(sc.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    saved = work / ADAPTER_FILE
+    if saved.exists():  # the last pushed adapter, so a restarted selector scores like before
+        with torch.no_grad():
+            for name, value in torch.load(saved, weights_only=True).items():
+                adapter[name].copy_(value)
+
+    def persist(tensors: dict[str, torch.Tensor], version: int) -> None:
+        tmp = saved.with_suffix(".tmp")
+        torch.save(tensors, tmp)
+        os.replace(tmp, saved)
+
+    tokenizer = load_tokenizer(mc.source)
+    tc = config.tokenize
+    collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
+                        min_prompt_fraction=tc.min_prompt_fraction)
+    w = sc.world_size
+    sel_cfg = replace(config.selector, batch_size=config.selector.batch_size * w,
+                      large_batch_size=config.selector.large_batch_size * w)
+    job = Job(
+        selector=build_selector(model, sel_cfg), collator=collator,
+        stream=ShardStream(config.data), journal=Journal(work, retention=sc.journal_retention),
+        world_size=w, per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
+        max_inflight=sc.max_inflight, adapter=adapter, on_adapter=persist,
+    )
+    return job, collator
+
+
+class SelectorServer:
+    """A running selector: the job's producer thread plus the gRPC server around it."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.job, collator = build_job(config)
+        sc = config.service
+        limit = sc.max_message_mb << 20
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2 * sc.world_size + 8),
+            options=[("grpc.max_send_message_length", limit),
+                     ("grpc.max_receive_message_length", limit)],
+        )
+        servicer = SelectorServicer(self.job, job_id=sc.job_id, fingerprint=fingerprint(config),
+                                    pad_id=collator.pad_token_id,
+                                    max_adapter_bytes=sc.max_adapter_mb << 20)
+        pb_grpc.add_SelectorServicer_to_server(servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{sc.host}:{sc.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {sc.host}:{sc.port}")
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        self.job.start()
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("selector for job %r serving on %s:%d", self.config.service.job_id,
+                    self.config.service.host, self.port)
+        return self.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish the step being journaled, end streams with UNAVAILABLE."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.job.stop(timeout=grace * 10)
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    server = SelectorServer(config)
+    server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
+    server.wait()

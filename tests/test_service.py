@@ -1,0 +1,225 @@
+"""The selector service end to end: a real server on 127.0.0.1, real clients, real shards."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+import webdataset as wds
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from colm_client.proto import selector_pb2 as pb
+from colm_client.proto import selector_pb2_grpc as pb_grpc
+from colm_client.stream import CoresetStream, CoresetStreamError
+from colm_client.sync import AdapterSync, adapter_chunks
+from colm_server.config import fingerprint, load_config
+from colm_server.service.server import SelectorServer
+from conftest import lora_model, make_records
+
+B, L, W = 4, 8, 2
+
+
+def write_shards(folder, n_shards: int = 4) -> str:
+    records = make_records({"big": 60, "mid": 30, "tiny": 6}, seed=5)
+    for s in range(n_shards):
+        with wds.TarWriter(str(folder / f"shard-{s}.tar")) as sink:
+            for r in records[s::n_shards]:
+                sink.write({"__key__": r["id"], "json": r})
+    return str(folder / f"shard-{{0..{n_shards - 1}}}.tar")
+
+
+def make_config(tmp_path, **extra):
+    shards = tmp_path / "shards"
+    shards.mkdir(exist_ok=True)
+    overrides = {
+        "data.urls": write_shards(shards), "data.buffer": 16,
+        "model.source": "tiny:llama", "model.lora_r": 4,
+        "tokenize.max_length": 48, "tokenize.chat_template": False,
+        "selector.batch_size": B, "selector.large_batch_size": L, "selector.zo_dim": 64,
+        "selector.small_source_share": 0.1,
+        "service.world_size": W, "service.port": 0, "service.work_dir": str(tmp_path / "work"),
+        "service.prefetch": 2, "service.max_inflight": 2, **extra,
+    }
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = SelectorServer(make_config(tmp_path))
+    srv.start()
+    yield srv
+    srv.stop(grace=1)
+
+
+def target(srv) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+def take(stream: CoresetStream, n: int) -> list:
+    out = list(itertools.islice(iter(stream), n))
+    stream.close()
+    return out
+
+
+def take_all(srv, n: int, start_step: int = 0) -> list[list]:
+    """n batches for every rank, the ranks pulling side by side as a training job does."""
+    with ThreadPoolExecutor(W) as pool:
+        streams = [CoresetStream(target(srv), rank=r, world_size=W, start_step=start_step)
+                   for r in range(W)]
+        return list(pool.map(lambda s: take(s, n), streams))
+
+
+def test_every_rank_gets_b_samples_per_step_in_order(server):
+    ranks = take_all(server, 3)
+    for step in range(3):
+        per_rank = [ranks[r][step] for r in range(W)]
+        assert all(b.step == step and len(b.ids) == B for b in per_rank)
+        ids = [i for b in per_rank for i in b.ids]
+        assert len(set(ids)) == W * B  # disjoint across ranks
+        for b in per_rank:
+            assert (b.weights > 0).all()
+            assert b.input_ids.shape == b.labels.shape == b.attention_mask.shape
+            assert b.input_ids.shape[0] == B
+            assert (b.labels[b.attention_mask == 0] == -100).all()
+    # No sample is drawn twice within the first epoch.
+    seen = [i for r in ranks for b in r for i in b.ids]
+    assert len(seen) == len(set(seen))
+
+
+def test_a_reconnecting_rank_gets_exactly_the_same_batches(server):
+    first = take_all(server, 4)[0]
+    again = take(CoresetStream(target(server), rank=0, world_size=W, start_step=2), 2)
+    for a, b in zip(first[2:], again):
+        assert a.ids == b.ids and torch.equal(a.weights, b.weights)
+        assert torch.equal(a.input_ids, b.input_ids)
+
+
+def test_ids_only_payload(server):
+    (batch,) = take(CoresetStream(target(server), rank=0, world_size=W, payload=False), 1)
+    assert batch.input_ids is None and len(batch.ids) == B
+
+
+def test_restarted_selector_continues_from_its_work_dir(tmp_path):
+    config = make_config(tmp_path)
+    srv = SelectorServer(config)
+    srv.start()
+    before = take_all(srv, 3)
+    srv.stop(grace=1)
+    srv = SelectorServer(config)
+    srv.start()
+    try:
+        replay = take(CoresetStream(target(srv), rank=0, world_size=W, start_step=1), 2)
+        assert [b.ids for b in replay] == [b.ids for b in before[0][1:3]]
+        after = take_all(srv, 2, start_step=3)
+        assert [b.step for b in after[0]] == [3, 4]
+        earlier = {i for r in before for b in r for i in b.ids}
+        later = {i for r in after for b in r for i in b.ids}
+        assert not earlier & later  # the stream cursor was restored, not restarted
+    finally:
+        srv.stop(grace=1)
+
+
+@pytest.mark.parametrize("join,code", [
+    (dict(world_size=3), grpc.StatusCode.FAILED_PRECONDITION),
+    (dict(rank=5), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(job_id="other"), grpc.StatusCode.FAILED_PRECONDITION),
+    (dict(config_fingerprint="0123456789abcdef"), grpc.StatusCode.FAILED_PRECONDITION),
+])
+def test_bad_joins_are_refused_with_a_reason(server, join, code):
+    args = dict(rank=0, world_size=W, job_id="default") | join
+    fp = args.pop("config_fingerprint", "")
+    stream = CoresetStream(target(server), config_fingerprint=fp, **args)
+    with pytest.raises(CoresetStreamError) as err:
+        take(stream, 1)
+    assert err.value.code == code
+
+
+def test_a_duplicate_live_rank_is_refused(server):
+    live = iter(CoresetStream(target(server), rank=0, world_size=W))
+    next(live)
+    with pytest.raises(CoresetStreamError) as err:
+        take(CoresetStream(target(server), rank=0, world_size=W), 1)
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    live.close()
+
+
+def test_the_matching_fingerprint_is_accepted(server):
+    fp = fingerprint(server.config)
+    (batch,) = take(CoresetStream(target(server), rank=0, world_size=W, config_fingerprint=fp), 1)
+    assert batch.step == 0
+
+
+def push(srv, chunks):
+    with grpc.insecure_channel(target(srv)) as channel:
+        return pb_grpc.SelectorStub(channel).PushAdapter(iter(chunks), timeout=30)
+
+
+def test_adapter_push_is_applied_and_later_selections_use_it(server):
+    trainer = lora_model("llama", seed=3)
+    sync = AdapterSync(target(server), trainer, every=1, rank=0)
+    assert sync.maybe_push(step=0) == 1
+    sync.close()
+    live = {k: v for k, v in server.job.adapter.items()}
+    from colm_client.sync import adapter_state
+
+    for name, value in adapter_state(trainer).items():
+        assert torch.equal(live[name], value.detach())
+    batches = take_all(server, 4)[0]
+    assert batches[-1].param_version == 1  # selected after the push (prefetch is 2)
+
+
+@pytest.mark.parametrize("corrupt", ["shape", "nan", "checksum", "unknown", "missing", "job"])
+def test_a_bad_push_is_refused_whole(server, corrupt):
+    from colm_client.sync import adapter_state
+
+    state = {k: v.detach().clone() for k, v in adapter_state(lora_model("llama", seed=3)).items()}
+    before = {k: v.clone() for k, v in server.job.adapter.items()}
+    name = next(iter(state))
+    job = "default"
+    if corrupt == "shape":
+        state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    elif corrupt == "nan":
+        state[name][0, 0] = float("nan")
+    elif corrupt == "unknown":
+        state["not.a.lora.weight"] = torch.zeros(2)
+    elif corrupt == "missing":
+        del state[name]
+    elif corrupt == "job":
+        job = "other"
+    chunks = list(adapter_chunks(state, job, trainer_step=0, chunk_bytes=256))
+    if corrupt == "checksum":
+        chunks[1].data = bytes(len(chunks[1].data))
+    with pytest.raises(grpc.RpcError) as err:
+        push(server, chunks)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.job.param_version == 0
+    for k, v in server.job.adapter.items():
+        assert torch.equal(v, before[k])
+
+
+def test_health_reflection_and_status(server):
+    with grpc.insecure_channel(target(server)) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="colm.v1.Selector"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        take_all(server, 2)
+        status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest(job_id="default"))
+    assert status.world_size == W and status.selected_steps >= 2
+    assert status.config_fingerprint == fingerprint(server.config)
+    assert sum(status.source_seen.values()) == status.selected_steps * W * L
+    # A batch counts as consumed when the trainer asks for the next: step 1 is not yet.
+    assert status.ranks[0].next_step == 2 and status.ranks[0].acked_step == 0
+
+
+def test_reflection_lists_the_selector_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(target(server)) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert "colm.v1.Selector" in names and "grpc.health.v1.Health" in names
