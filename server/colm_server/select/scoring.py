@@ -1,4 +1,4 @@
-"""Scores a batch on the model: the prefix once, then sketches or per-sample losses."""
+"""Scores a batch on the model: per-sample gradient sketches or per-sample losses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from colm_server.select.zo import zo_sketch
 
 
 class Scorer:
-    """Runs the frozen model for one large batch; caches the prefix between calls."""
+    """Runs the frozen model on a large batch: the prefix once, then the top layers."""
 
     def __init__(self, model: nn.Module, config: SelectorConfig):
         self.config = config
@@ -23,23 +23,10 @@ class Scorer:
         self.targets = sketch_targets(
             self.split.top, params=config.sketch_params, probe_module=config.probe_module
         )
-        self._batch: Batch | None = None
-        self._cache: PrefixCache | None = None
-
-    @property
-    def sketch_dim(self) -> int:
-        return sum(t.numel for t in self.targets)
 
     def prefix(self, batch: Batch) -> PrefixCache:
-        """The prefix of `batch`, computed on first use."""
-        if self._batch is not batch:
-            self._batch = batch
-            self._cache = self.split.prefix(batch.input_ids, batch.attention_mask, batch.labels)
-        return self._cache
-
-    def release(self) -> None:
-        """Drop the cached prefix: it holds ``L x T x H`` activations."""
-        self._batch = self._cache = None
+        """Run the model up to the top layers once for `batch`."""
+        return self.split.prefix(batch.input_ids, batch.attention_mask, batch.labels)
 
     def sketch(self, batch: Batch, step: int) -> Sketch:
         """Per-sample gradient sketch of the batch at the current weights."""

@@ -67,11 +67,7 @@ class Selector:
             losses=lambda: self._scorer().losses(batch),
             normalizer=self.normalizer,
         )
-        try:
-            indices, weights = STRATEGIES[cfg.strategy](ctx)
-        finally:
-            if self.scorer is not None:
-                self.scorer.release()
+        indices, weights = STRATEGIES[cfg.strategy](ctx)
         if cfg.weighting == "uniform":
             weights = torch.ones_like(weights)
         ctx.timings["total"] = time.perf_counter() - start
