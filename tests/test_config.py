@@ -55,7 +55,7 @@ service: {port: 0, world_size: 2}
 """)
     config = load_config(path, [
         "selector.batch_size=16", f"data.urls={URLS}", "model.lora_targets=[q_proj,v_proj]",
-        "service.job_id=007", "service.auth_token=12345", "model.adapter=null", "data.urls={a,b}.tar",
+        "service.job_id=007", "service.host=12345", "model.adapter=null", "data.urls={a,b}.tar",
     ])
     assert config.model.source == "tiny:qwen2" and config.model.num_layers == 2
     assert config.model.lora_alpha == 32.0 and isinstance(config.model.lora_alpha, float)
@@ -63,7 +63,7 @@ service: {port: 0, world_size: 2}
     assert config.selector.batch_size == 16 and config.selector.large_batch_size == 32
     assert config.selector.keep_sources == ("gsm8k",)  # list -> the field's tuple
     assert config.data.urls == "{a,b}.tar" and config.data.seed == 7  # the last override wins
-    assert config.service.job_id == "007" and config.service.auth_token == "12345"  # strings stay text
+    assert config.service.job_id == "007" and config.service.host == "12345"  # strings stay text
     assert config.service.world_size == 2 and config.model.adapter is None
 
 
@@ -138,7 +138,7 @@ def test_cross_section_checks():
 def test_fingerprint_follows_the_job_not_the_plumbing():
     base = load_config(None, [f"data.urls={URLS}"])
     moved = load_config(None, [f"data.urls={URLS}", "service.host=0.0.0.0", "service.port=0",
-                               "service.work_dir=/elsewhere", "service.auth_token=s3cret",
+                               "service.work_dir=/elsewhere",
                                "model.device=cpu", "data.allow_pipe=true"])
     assert fingerprint(base) == fingerprint(moved)
     listed = [f"/x/shard-{i:03d}.tar" for i in range(10)]
@@ -151,7 +151,7 @@ def test_fingerprint_follows_the_job_not_the_plumbing():
 
 @pytest.mark.parametrize("overrides", [
     [], [f"data.urls={URLS}", "selector.keep_sources=[a, b]", "model.lora_targets=[q_proj]",
-         "service.auth_token=t", "model.num_layers=3", "data.urls=[/a.tar, /b.tar]"],
+         "service.job_id=t", "model.num_layers=3", "data.urls=[/a.tar, /b.tar]"],
 ])
 def test_to_dict_yaml_load_round_trips(tmp_path, overrides):
     config = load_config(None, overrides)

@@ -1,24 +1,16 @@
-"""The README's configuration table lists every SelectorConfig field with its default."""
+"""The README's configuration reference is the one the code generates."""
 
 import re
-from dataclasses import fields
 from pathlib import Path
 
-from colm_server.select import SelectorConfig
+from colm_server.config import config_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_table_matches_selector_config():
-    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", README.read_text(), flags=re.M))
-    defaults = SelectorConfig()
-    for f in fields(SelectorConfig):
-        assert f.name in rows, f"README lacks {f.name}"
-        value = getattr(defaults, f.name)
-        shown = rows[f.name].strip().strip("`")
-        if isinstance(value, bool):
-            assert shown == str(value).lower(), f.name
-        elif isinstance(value, tuple):
-            assert shown == "()", f.name
-        else:
-            assert shown == str(value), f.name
+def test_readme_config_table_is_generated_from_the_dataclasses():
+    text = README.read_text()
+    block = re.search(r"<!-- config-table.*?-->\n(.*?)\n<!-- /config-table -->", text, re.S)
+    assert block, "README lacks the config-table markers"
+    assert block.group(1) == config_table(), (
+        "README's table is stale: replace it with colm_server.config.config_table()")

@@ -223,3 +223,37 @@ def test_reflection_lists_the_selector_service(server):
         reply = next(stub.ServerReflectionInfo(iter([request])))
     names = {s.name for s in reply.list_services_response.service}
     assert "colm.v1.Selector" in names and "grpc.health.v1.Health" in names
+
+
+def test_status_cli_prints_progress_and_counters(server, capsys):
+    from colm_client.status import main as status_main
+    from colm_client.status import status
+
+    take_all(server, 1)
+    s = status(target(server))
+    assert int(s["selected_steps"]) >= 1 and len(s["ranks"]) == W
+    status_main([target(server)])
+    out = capsys.readouterr().out
+    assert "steps selected" in out and "big:" in out and "skipped records: none" in out
+
+
+def test_malformed_records_are_skipped_and_counted_while_the_stream_goes_on(tmp_path):
+    config = make_config(tmp_path)
+    bad = tmp_path / "shards" / "shard-0.tar"
+    with wds.TarWriter(str(bad)) as sink:  # replace one good shard by a bad one
+        sink.write({"__key__": "badjson", "json": b"{not json"})
+        sink.write({"__key__": "nosource", "json": {"id": "x1", "prompt": "p", "response": "r"}})
+        sink.write({"__key__": "empty", "json": {"id": "x2", "source": "s", "prompt": "p",
+                                                 "response": ""}})
+        sink.write({"__key__": "utf8", "json": b'{"id": "x3", "source": "s", "response": "\xff"}'})
+    srv = SelectorServer(config)
+    srv.start()
+    try:
+        batches = take_all(srv, 6)
+        assert all(len(b.ids) == B for r in batches for b in r)
+        with grpc.insecure_channel(target(srv)) as channel:
+            status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest())
+        assert status.skipped["bad_json"] >= 1 and status.skipped["bad_utf8"] >= 1
+        assert status.skipped["missing_field"] >= 2
+    finally:
+        srv.stop(grace=1)

@@ -1,5 +1,8 @@
-"""Trainer-side helpers for colm-stream."""
+"""Trainer-side helpers for colm-stream: the coreset stream, adapter sync and the loss."""
 
 from colm_client.loss import per_sample_loss, weighted_loss
+from colm_client.stream import CoresetBatch, CoresetStream, CoresetStreamError
+from colm_client.sync import AdapterSync
 
-__all__ = ["per_sample_loss", "weighted_loss"]
+__all__ = ["AdapterSync", "CoresetBatch", "CoresetStream", "CoresetStreamError",
+           "per_sample_loss", "weighted_loss"]

@@ -99,12 +99,10 @@ class ServiceConfig:
     world_size: int = _field(1, "W: trainer ranks of the job")
     prefetch: int = _field(2, "steps selected ahead of the slowest rank (staleness bound)")
     max_inflight: int = _field(4, "unacknowledged batches per rank")
-    sync_every: int = _field(0, "steps between adapter pushes; 0 = the trainers decide")
     max_message_mb: int = _field(64, "largest gRPC message, in MiB")
     max_adapter_mb: int = _field(1024, "largest adapter push, in MiB")
     work_dir: str = _field("./colm-work", "journal, cursor and normalisation state live here")
     journal_retention: int = _field(1000, "journaled steps kept for trainer restarts; older ones are pruned")
-    auth_token: str | None = _field(None, "shared token trainers send as call metadata; null = no auth")
 
     def __post_init__(self) -> None:
         _check_types(self, "service")
@@ -113,13 +111,11 @@ class ServiceConfig:
         _check(0 <= self.port <= 65535, "service.port", f"must be in [0, 65535], got {self.port}")
         for name in ("world_size", "prefetch", "max_inflight", "max_message_mb", "max_adapter_mb"):
             _check(getattr(self, name) >= 1, f"service.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _check(self.sync_every >= 0, "service.sync_every", f"must be >= 0, got {self.sync_every}")
         _check(self.max_message_mb < 2048, "service.max_message_mb",
                f"must be < 2048 (gRPC's limit), got {self.max_message_mb}")
         window = self.prefetch + self.max_inflight  # a reconnecting rank may ask for any step in it
         _check(self.journal_retention >= window, "service.journal_retention",
                f"must be >= prefetch + max_inflight ({window}), got {self.journal_retention}")
-        _check(self.auth_token != "", "service.auth_token", "must be a token or null")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": ShardConfig, "tokenize": TokenizeConfig,
@@ -331,6 +327,12 @@ def fingerprint(config: Config) -> str:
         job["data.urls"] = expand_urls(job["data.urls"])
     blob = json.dumps(job, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_table() -> str:
+    """The keys, defaults and help as the README's Markdown table."""
+    rows = [f"| `{k}` | `{d}` | {h.replace('|', '/')} |" for k, d, h in config_fields()]
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])
 
 
 def config_help() -> str:

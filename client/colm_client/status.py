@@ -1,0 +1,44 @@
+"""`colm-status`: what a selector is doing, read through its Status RPC."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from colm_client.proto import selector_pb2 as pb
+from colm_client.proto import selector_pb2_grpc as pb_grpc
+
+
+def status(target: str, job_id: str = "", timeout: float = 10.0) -> dict:
+    """The selector's status as a plain dict (steps, versions, ranks, per-source counters)."""
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest(job_id=job_id), timeout=timeout)
+    return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def format_status(s: dict) -> str:
+    lines = [
+        f"job {s['job_id']}  world size {s['world_size']}  fingerprint {s['config_fingerprint']}",
+        f"steps selected {s['selected_steps']}  param version {s['param_version']}  epoch {s['epoch']}"
+        f"  oldest journaled step {s['journal_first_step']}",
+        "ranks:",
+    ]
+    for r in s["ranks"]:
+        state = "connected" if r["connected"] else "away"
+        lines.append(f"  {r['rank']}: {state}, next step {r['next_step']}, acked {r['acked_step']}")
+    lines.append("sources (seen / selected):")
+    for src in sorted(s["source_seen"]):
+        lines.append(f"  {src}: {s['source_seen'][src]} / {s['source_selected'].get(src, 0)}")
+    skipped = {k: v for k, v in s["skipped"].items() if int(v)}
+    lines.append("skipped records: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="colm-status", description=__doc__)
+    p.add_argument("target", nargs="?", default="127.0.0.1:50051", help="host:port of the selector")
+    p.add_argument("--job-id", default="")
+    args = p.parse_args(argv)
+    print(format_status(status(args.target, args.job_id)))
