@@ -257,3 +257,15 @@ def test_malformed_records_are_skipped_and_counted_while_the_stream_goes_on(tmp_
         assert status.skipped["missing_field"] >= 2
     finally:
         srv.stop(grace=1)
+
+
+def test_a_selector_that_never_comes_back_ends_the_stream_after_the_reconnect_timeout():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stream = CoresetStream(f"127.0.0.1:{port}", rank=0, world_size=1, reconnect_timeout=1.0)
+    with pytest.raises(CoresetStreamError) as err:
+        take(stream, 1)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE

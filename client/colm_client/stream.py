@@ -82,8 +82,14 @@ class CoresetStream:
         while (request := requests.get()) is not None:
             yield request
 
-    def _open(self) -> Iterator[pb.CoresetBatch]:
+    def _open(self, deadline: float) -> Iterator[pb.CoresetBatch]:
         self._channel = grpc.insecure_channel(self.target, options=self._options)
+        try:  # wait for the selector, but not past the reconnect deadline
+            grpc.channel_ready_future(self._channel).result(timeout=max(deadline - time.monotonic(), 0))
+        except grpc.FutureTimeoutError:
+            raise CoresetStreamError(grpc.StatusCode.UNAVAILABLE,
+                                     f"selector at {self.target} unreachable for "
+                                     f"{self.reconnect_timeout:.0f}s") from None
         self._requests = queue.Queue()
         self._requests.put(pb.StreamRequest(join=pb.Join(
             job_id=self.job_id, rank=self.rank, world_size=self.world_size,
@@ -121,7 +127,7 @@ class CoresetStream:
         try:
             while True:
                 try:
-                    for msg in self._open():
+                    for msg in self._open(deadline or time.monotonic() + self.reconnect_timeout):
                         if msg.step != self.next_step:
                             raise CoresetStreamError(grpc.StatusCode.DATA_LOSS,
                                                      f"expected step {self.next_step}, got {msg.step}")

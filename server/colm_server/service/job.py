@@ -75,6 +75,7 @@ class Job:
         self.ranks = [RankState() for _ in range(world_size)]
         self.param_version = 0
         self.next_step = 0  # next step to select
+        self.source_seen: dict[str, int] = {}  # samples drawn per source, committed steps only
         self.source_selected: dict[str, int] = {}
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
@@ -138,20 +139,33 @@ class Job:
             )
             for r, rows in enumerate(dealt)
         ]
+        seen, selected = dict(self.source_seen), dict(self.source_selected)
+        for s in batch.sources:
+            seen[s] = seen.get(s, 0) + 1
         for i in chosen:
-            self.source_selected[batch.sources[i]] = self.source_selected.get(batch.sources[i], 0) + 1
-        self.journal.commit(step, ranks, self._state(step + 1))
-        with self._cond:
-            self.next_step = step + 1
+            selected[batch.sources[i]] = selected.get(batch.sources[i], 0) + 1
+        self.journal.commit(step, ranks, self._state(step + 1, seen, selected))
+        with self._cond:  # counters move with the step, so a status is one consistent snapshot
+            self.next_step, self.source_seen, self.source_selected = step + 1, seen, selected
             self._cond.notify_all()
 
-    def _state(self, next_step: int) -> dict:
+    def snapshot(self) -> dict:
+        """Progress and counters as of the last committed step."""
+        with self._cond:
+            return {
+                "selected_steps": self.next_step, "param_version": self.param_version,
+                "source_seen": dict(self.source_seen), "source_selected": dict(self.source_selected),
+                "ranks": [(r.connected, r.next_step, r.acked) for r in self.ranks],
+            }
+
+    def _state(self, next_step: int, seen: dict, selected: dict) -> dict:
         return {
             "next_step": next_step,
             "param_version": self.param_version,
             "stream": self.stream.state_dict(),
             "selector": self.selector.state_dict(),
-            "source_selected": dict(self.source_selected),
+            "source_seen": seen,
+            "source_selected": selected,
         }
 
     def _restore(self) -> None:
@@ -162,6 +176,7 @@ class Job:
         self.param_version = state["param_version"]
         self.stream.load_state_dict(state["stream"])
         self.selector.load_state_dict(state["selector"])
+        self.source_seen = dict(state["source_seen"])
         self.source_selected = dict(state["source_selected"])
         for r in self.ranks:  # ranks rejoin with their own start_step
             r.acked = self.next_step - 1 - self.prefetch

@@ -117,14 +117,14 @@ class SelectorServer:
         self.job.stop(timeout=grace * 10)
         self.server.stop(grace).wait()
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
-
 
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a stop request is never lost
+        signal.signal(sig, lambda *_: stop.set())
     server = SelectorServer(config)
-    server.start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
-    server.wait()
+    if not stop.is_set():
+        server.start()
+        stop.wait()
+    server.stop()

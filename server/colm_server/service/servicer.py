@@ -110,16 +110,16 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         if request.job_id and request.job_id != self.job_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} is not served here")
         job = self.job
+        snap = job.snapshot()
         reply = pb.StatusReply(
             job_id=self.job_id, world_size=job.world_size, config_fingerprint=self.fingerprint,
-            selected_steps=job.next_step, param_version=job.param_version, epoch=job.stream.epoch,
-            journal_first_step=job.journal.first_step or 0,
+            selected_steps=snap["selected_steps"], param_version=snap["param_version"],
+            epoch=job.stream.epoch, journal_first_step=job.journal.first_step or 0,
         )
-        for r, state in enumerate(job.ranks):
-            reply.ranks.add(rank=r, connected=state.connected, next_step=state.next_step,
-                            acked_step=max(state.acked, 0))
+        for r, (connected, next_step, acked) in enumerate(snap["ranks"]):
+            reply.ranks.add(rank=r, connected=connected, next_step=next_step,
+                            acked_step=max(acked, 0))
         reply.skipped.update(job.stream.skipped)
-        reply.source_seen.update(job.selector.tracker.counts)
-        reply.source_selected.update(job.source_selected)
+        reply.source_seen.update(snap["source_seen"])
+        reply.source_selected.update(snap["source_selected"])
         return reply
-

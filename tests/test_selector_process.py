@@ -1,0 +1,336 @@
+"""`colm-selector serve` as a real process: SIGTERM, a restart on the same work dir, bad configs.
+
+What a trainer rank sees when its selector stops (pinned by the tests below): batches already
+delivered to it still arrive, then its live stream ends with status UNAVAILABLE, details "selector
+is shutting down". `CoresetStream` never surfaces that: the iterator neither ends nor raises; it
+logs "selector unavailable (...); reconnecting at step N" and reconnects with backoff. The new call
+uses `wait_for_ready` without a deadline, so while no process listens on the port it just waits
+(`reconnect_timeout` does not bound that wait): the iterator blocks until a selector serves the
+target again, then resumes at the first step it has not yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from colm_client.stream import CoresetStream
+from colm_server.config import fingerprint, load_config
+from test_service import B, L, W, take, write_shards
+
+SELECTOR = shutil.which("colm-selector", path=str(Path(sys.executable).parent))
+START_TIMEOUT = 120.0  # importing torch and building the tiny model on a busy 2-core machine
+EXIT_TIMEOUT = 60.0  # SIGTERM to exit: finish the step being selected, end the streams
+RANK_TIMEOUT = 120.0  # a rank waiting for its batches (includes a restart and reconnect backoff)
+
+pytestmark = pytest.mark.skipif(SELECTOR is None, reason="console script colm-selector is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path) -> tuple[Path, list[str], str]:
+    """A YAML job file plus the `--set` overrides for it, and the job's fingerprint."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    doc = {
+        "data": {"urls": write_shards(shards), "buffer": 16},
+        "model": {"source": "tiny:llama", "lora_r": 4},
+        "tokenize": {"max_length": 48, "chat_template": False},
+        "selector": {"batch_size": 1, "large_batch_size": L, "zo_dim": 64, "small_source_share": 0.1},
+        "service": {"world_size": W, "prefetch": 2, "max_inflight": 2, "port": 1},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    overrides = [f"selector.batch_size={B}", f"service.work_dir={tmp_path / 'work'}"]
+    return path, overrides, fingerprint(load_config(path, overrides))
+
+
+class Selector:
+    """A `colm-selector serve` subprocess; its stdout and stderr go to a log file."""
+
+    def __init__(self, config: Path, overrides: list[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        args = [SELECTOR, "serve", "--config", str(config)]
+        for item in overrides:
+            args += ["--set", item]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, target: str, timeout: float = START_TIMEOUT) -> None:
+        """Poll the standard health service until the selector reports SERVING."""
+        deadline = time.monotonic() + timeout
+        fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 500)]
+        request = health_pb2.HealthCheckRequest(service="colm.v1.Selector")
+        with grpc.insecure_channel(target, options=fast) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert self.proc.poll() is None, f"selector exited with {self.proc.returncode}:\n{self.log()}"
+                left = deadline - time.monotonic()
+                assert left > 0, f"selector not SERVING after {timeout}s:\n{self.log()}"
+                try:
+                    reply = stub.Check(request, timeout=min(1.0, left), wait_for_ready=True)
+                except grpc.RpcError as err:  # not listening yet, or health not set yet
+                    if err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                                          grpc.StatusCode.NOT_FOUND):
+                        raise
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+
+    def terminate(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """SIGTERM; the exit status, which must come within `timeout`."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"selector still running {timeout}s after SIGTERM:\n{self.log()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(EXIT_TIMEOUT)
+        self._log.close()
+
+
+class Rank(threading.Thread):
+    """A trainer rank pulling `total` batches through one CoresetStream; it may pause after `pause_at`.
+
+    While paused its stream stays open: the selector holds a live connection for it.
+    """
+
+    def __init__(self, target: str, rank: int, fp: str, total: int, pause_at: int | None = None):
+        super().__init__(name=f"rank-{rank}", daemon=True)
+        self.stream = CoresetStream(target, rank=rank, world_size=W, config_fingerprint=fp,
+                                    reconnect_timeout=RANK_TIMEOUT)
+        self.total, self.pause_at = total, pause_at
+        self.batches: list = []
+        self.error: BaseException | None = None
+        self.paused, self.go = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        try:
+            for batch in self.stream:
+                self.batches.append(batch)
+                if len(self.batches) == self.total:
+                    break
+                if len(self.batches) == self.pause_at:
+                    self.paused.set()
+                    if not self.go.wait(RANK_TIMEOUT):
+                        raise TimeoutError("never told to go on")
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            self.error = exc
+        finally:
+            self.paused.set()  # wake a waiter also when the rank failed or ended early
+            self.stream.close()
+
+    def wait_paused(self) -> None:
+        assert self.paused.wait(RANK_TIMEOUT), f"{self.name} did not get {self.pause_at} batches"
+        assert self.error is None and len(self.batches) == self.pause_at, (self.error, len(self.batches))
+
+    def finish(self) -> list:
+        self.join(RANK_TIMEOUT)
+        assert not self.is_alive(), (
+            f"{self.name} still waiting after {RANK_TIMEOUT}s with {len(self.batches)} batches")
+        assert self.error is None, f"{self.name} raised {self.error!r}"
+        return self.batches
+
+    def abort(self) -> None:
+        """Teardown after a failure: end the stream however it is blocked."""
+        self.go.set()
+        deadline = time.monotonic() + 30
+        while self.is_alive() and time.monotonic() < deadline:
+            call = self.stream._call  # private: only to unblock a failed test's thread
+            if call is not None:
+                call.cancel()  # CANCELLED is not retried: the iterator raises and the thread ends
+            self.join(0.2)
+
+
+class Reconnects(logging.Handler):
+    """The reconnect warnings CoresetStream logs, per rank thread, with an event at the first."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(logging.WARNING)
+        self.messages: dict[str, list[str]] = {n: [] for n in names}
+        self.seen = {n: threading.Event() for n in names}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.threadName in self.seen:
+            self.messages[record.threadName].append(record.getMessage())
+            self.seen[record.threadName].set()
+
+
+@pytest.fixture()
+def procs():
+    """Start selector processes and ranks; whatever is still running at the end is stopped."""
+    selectors: list[Selector] = []
+    ranks: list[Rank] = []
+
+    class Procs:
+        @staticmethod
+        def selector(*args) -> Selector:
+            selectors.append(Selector(*args))
+            return selectors[-1]
+
+        @staticmethod
+        def ranks(target: str, fp: str, total: int, pause_at: int | None = None) -> list[Rank]:
+            new = [Rank(target, r, fp, total, pause_at) for r in range(W)]
+            ranks.extend(new)
+            for rank in new:
+                rank.start()
+            return new
+
+    yield Procs
+    for rank in ranks:
+        rank.abort()
+    for sel in selectors:
+        sel.close()
+
+
+@pytest.fixture()
+def reconnects():
+    handler = Reconnects([f"rank-{r}" for r in range(W)])
+    logger = logging.getLogger("colm_client.stream")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert [b.step for b in got] == [b.step for b in expected]
+    for a, b in zip(got, expected):
+        assert a.ids == b.ids, f"step {a.step}"
+        assert torch.equal(a.weights, b.weights) and torch.equal(a.input_ids, b.input_ids), f"step {a.step}"
+
+
+def test_sigterm_exits_cleanly_and_a_new_selector_serves_the_journaled_steps(tmp_path, procs, reconnects):
+    config, overrides, fp = write_config(tmp_path)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    overrides.append(f"service.port={port}")  # --set wins over the file's port
+    first = procs.selector(config, overrides, tmp_path / "first.log")
+    first.wait_serving(target)
+    pause = 3
+    # One batch past the pause may already be in flight; the second must come after the restart.
+    ranks = procs.ranks(target, fp, total=pause + 2, pause_at=pause)
+    for rank in ranks:
+        rank.wait_paused()
+
+    # SIGTERM while both ranks hold a live stream (each paused between two batches).
+    started = time.monotonic()
+    assert first.terminate() == 0, first.log()
+    stop_s = time.monotonic() - started
+    assert "Traceback" not in first.log()
+    assert stop_s < EXIT_TIMEOUT
+
+    # The ranks go on: what was already delivered, then UNAVAILABLE, which CoresetStream logs and
+    # retries; the iterator does not end and does not raise, it waits for a selector.
+    for rank in ranks:
+        rank.go.set()
+    for rank in ranks:
+        assert reconnects.seen[rank.name].wait(RANK_TIMEOUT), f"{rank.name} saw no UNAVAILABLE"
+        assert rank.is_alive() and rank.error is None
+        assert reconnects.messages[rank.name][0].startswith(
+            "selector unavailable (selector is shutting down); reconnecting at step"), reconnects.messages
+
+    # A new selector on the same port and work dir: the waiting ranks resume by themselves.
+    second = procs.selector(config, overrides, tmp_path / "second.log")
+    second.wait_serving(target)
+    received = [rank.finish() for rank in ranks]
+    for batches in received:
+        assert [b.step for b in batches] == list(range(pause + 2))
+    assert "resumed at step" in second.log()
+
+    # The journal survived: a rank rejoining at step 1 gets what it was sent before, step by step.
+    for r in range(W):
+        again = take(CoresetStream(target, rank=r, world_size=W, start_step=1, config_fingerprint=fp),
+                     pause + 1)
+        assert_same_batches(again, received[r][1:])
+    assert second.terminate() == 0, second.log()
+    assert "Traceback" not in second.log()
+
+
+def test_streams_continue_across_a_selector_restart(tmp_path, procs, reconnects):
+    config, overrides, fp = write_config(tmp_path)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    overrides.append(f"service.port={port}")
+    first = procs.selector(config, overrides, tmp_path / "first.log")
+    first.wait_serving(target)
+    total, pause = 8, 2
+    ranks = procs.ranks(target, fp, total=total, pause_at=pause)
+    for rank in ranks:
+        rank.wait_paused()
+    # Both ranks pull as fast as they can while the selector is stopped; at most a step or two
+    # more can be selected before it goes, the rest must come from its successor.
+    for rank in ranks:
+        rank.go.set()
+    assert first.terminate() == 0, first.log()
+    second = procs.selector(config, overrides, tmp_path / "second.log")
+    second.wait_serving(target)
+    received = [rank.finish() for rank in ranks]
+
+    for rank, batches in zip(ranks, received):
+        assert reconnects.seen[rank.name].is_set(), f"{rank.name} never went through the restart"
+        assert all(m.startswith("selector unavailable (") for m in reconnects.messages[rank.name])
+        assert [b.step for b in batches] == list(range(total)), "each step exactly once, in order"
+    for step in range(total):
+        ids = [i for r in range(W) for i in received[r][step].ids]
+        assert len(ids) == W * B and len(set(ids)) == W * B  # the ranks' shares stay disjoint
+
+    # Everything delivered was journaled first: a fresh stream from step 0 reads the same batches.
+    for r in range(W):
+        fresh = take(CoresetStream(target, rank=r, world_size=W, start_step=0, config_fingerprint=fp),
+                     total)
+        assert_same_batches(received[r], fresh)
+    assert second.terminate() == 0, second.log()
+    assert "Traceback" not in first.log() + second.log()
+
+
+@pytest.mark.parametrize("yaml_extra,overrides,key", [
+    ({}, ["selector.batch_size=100"], "selector.batch_size"),  # b > L = 64
+    ({}, ["selector.batch_sise=4"], "selector.batch_sise"),  # unknown key on the command line
+    ({"service": {"prot": 50051}}, [], "service.prot"),  # unknown key in the file
+])
+def test_a_bad_config_exits_nonzero_naming_the_key(tmp_path, yaml_extra, overrides, key):
+    port = free_port()
+    work = tmp_path / "work"
+    doc = {"data": {"urls": str(tmp_path / "shard-{0..1}.tar")},
+           "selector": {"batch_size": 4, "large_batch_size": 64},
+           "service": {"port": port, "work_dir": str(work)}}
+    for section, body in yaml_extra.items():
+        doc[section].update(body)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    args = [SELECTOR, "serve", "--config", str(config)]
+    for item in overrides:
+        args += ["--set", item]
+    done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=START_TIMEOUT)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"error: {key}" in done.stderr
+    assert "serving on" not in done.stdout + done.stderr
+    assert not work.exists()  # refused before anything was built
+    with socket.socket() as s:  # and nothing is listening on its port
+        assert s.connect_ex(("127.0.0.1", port)) != 0
