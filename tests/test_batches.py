@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from colm_server.service.batches import RankBatch, deal, rows_of
+from colm_server.service.batches import RankBatch, deal, pack_rows
 from conftest import make_records
 
 
@@ -35,10 +35,12 @@ def test_deal_refuses_an_uneven_split():
 
 def test_rank_batch_rebuilds_the_collated_rows(collator):
     batch = collator(make_records({"a": 5, "b": 2}, seed=3))
-    tokens, prompt_lens = rows_of(batch)
-    rb = RankBatch(step=0, rank=0, epoch=0, param_version=0, ids=batch.ids, sources=batch.sources,
-                   weights=[1.0] * len(batch), tokens=tokens, prompt_lens=prompt_lens)
-    again = rb.to_batch(pad_id=collator.pad_token_id)
-    assert torch.equal(again.input_ids, batch.input_ids)
-    assert torch.equal(again.labels, batch.labels)
-    assert torch.equal(again.attention_mask, batch.attention_mask)
+    rows = [4, 0, 6, 2]
+    tokens, lengths, prompt_lens = pack_rows(batch, rows)
+    rb = RankBatch(step=0, rank=0, epoch=0, param_version=0, ids=[batch.ids[i] for i in rows],
+                   sources=[batch.sources[i] for i in rows], weights=[1.0] * len(rows),
+                   tokens=tokens, lengths=lengths, prompt_lens=prompt_lens)
+    again, want = rb.to_batch(pad_id=collator.pad_token_id), batch.subset(rows)
+    assert torch.equal(again.input_ids, want.input_ids)
+    assert torch.equal(again.labels, want.labels)
+    assert torch.equal(again.attention_mask, want.attention_mask)

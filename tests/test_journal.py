@@ -22,7 +22,8 @@ def rank_batch(step: int, rank: int, n: int = 3) -> RankBatch:
         ids=[f"s{step}-r{rank}-{i}" for i in range(n)],
         sources=["big", "tiny", "big"][:n],
         weights=[1.0 / 3 + i for i in range(n)],  # not representable in float32: must survive exactly
-        tokens=tokens,
+        tokens=torch.tensor([t for row in tokens for t in row], dtype=torch.int32),
+        lengths=[len(row) for row in tokens],
         prompt_lens=[1, 2, 0][:n],
     )
 

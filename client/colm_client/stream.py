@@ -38,8 +38,8 @@ class CoresetBatch:
 
     @classmethod
     def from_message(cls, msg: pb.CoresetBatch) -> CoresetBatch:
-        tensors = {
-            name: from_proto(getattr(msg, name)) if msg.HasField(name) else None
+        tensors = {  # int64, as models and losses expect
+            name: from_proto(getattr(msg, name)).long() if msg.HasField(name) else None
             for name in ("input_ids", "labels", "attention_mask")
         }
         return cls(step=msg.step, epoch=msg.epoch, ids=list(msg.ids),

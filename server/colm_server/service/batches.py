@@ -9,13 +9,13 @@ import torch
 from colm_server.data.collate import IGNORE_INDEX, Batch
 
 
-@dataclass
+@dataclass(eq=False)
 class RankBatch:
     """What rank `rank` trains on at `step`: samples, weights and their tokens.
 
-    Tokens are stored per sample without padding (``tokens[i]`` = prompt then response) with
-    the prompt length, which is all a collated row holds: labels are the tokens after the
-    prompt, the attention mask covers the tokens.
+    Tokens are kept unpadded and flat (``tokens``: every sample's prompt then response,
+    back to back, int32) with each sample's length and prompt length, which is all a
+    collated row holds: labels are the tokens after the prompt, the mask covers the tokens.
     """
 
     step: int
@@ -25,31 +25,45 @@ class RankBatch:
     ids: list[str]
     sources: list[str]
     weights: list[float]
-    tokens: list[list[int]]
+    tokens: torch.Tensor  # [sum(lengths)] int32
+    lengths: list[int]
     prompt_lens: list[int]
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RankBatch):
+            return NotImplemented
+        plain = ("step", "rank", "epoch", "param_version", "ids", "sources", "weights", "lengths",
+                 "prompt_lens")
+        return all(getattr(self, f) == getattr(other, f) for f in plain) and torch.equal(
+            self.tokens, other.tokens)
+
+    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``(input_ids, labels, attention_mask)``, int32, built without a loop."""
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        width = int(lengths.max()) if len(self.lengths) else 0
+        pos = torch.arange(width)
+        mask = pos[None, :] < lengths[:, None]
+        input_ids = torch.full((len(self.lengths), width), pad_id, dtype=torch.int32)
+        input_ids[mask] = self.tokens.to(torch.int32)
+        response = mask & (pos[None, :] >= torch.tensor(self.prompt_lens, dtype=torch.long)[:, None])
+        labels = torch.where(response, input_ids, torch.tensor(IGNORE_INDEX, dtype=torch.int32))
+        return input_ids, labels, mask.to(torch.int32)
+
     def to_batch(self, pad_id: int = 0) -> Batch:
-        """The right-padded tensors a trainer feeds to its model."""
-        n, width = len(self.tokens), max((len(t) for t in self.tokens), default=0)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, (toks, p) in enumerate(zip(self.tokens, self.prompt_lens)):
-            row = torch.tensor(toks, dtype=torch.long)
-            input_ids[i, : len(toks)] = row
-            labels[i, p : len(toks)] = row[p:]
-            mask[i, : len(toks)] = 1
-        return Batch(input_ids, mask, labels, list(self.ids), list(self.sources))
+        """The right-padded batch a trainer feeds to its model."""
+        input_ids, labels, mask = self.padded(pad_id)
+        return Batch(input_ids.long(), mask.long(), labels.long(), list(self.ids), list(self.sources))
 
 
-def rows_of(batch: Batch) -> tuple[list[list[int]], list[int]]:
-    """Unpadded tokens and prompt lengths of every row of a collated batch."""
-    lengths = batch.attention_mask.sum(1).tolist()
+def pack_rows(batch: Batch, rows: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``(tokens, lengths, prompt_lens)`` of the given rows of a collated batch, as in RankBatch."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    mask = batch.attention_mask[idx].bool()
+    labelled = batch.labels[idx] != IGNORE_INDEX
+    lengths = mask.sum(1)
     # The first labelled position is where the response starts.
-    labelled = batch.labels != IGNORE_INDEX
-    starts = torch.where(labelled.any(1), labelled.float().argmax(1), batch.attention_mask.sum(1))
-    tokens = [batch.input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
-    return tokens, starts.tolist()
+    starts = torch.where(labelled.any(1), labelled.float().argmax(1), lengths)
+    return batch.input_ids[idx][mask].to(torch.int32), lengths.tolist(), starts.tolist()
 
 
 def deal(indices: list[int], token_counts: list[int], world_size: int) -> list[list[int]]:

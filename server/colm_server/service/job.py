@@ -19,7 +19,7 @@ import torch
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream
 from colm_server.select import Selector
-from colm_server.service.batches import RankBatch, deal, rows_of
+from colm_server.service.batches import RankBatch, deal, pack_rows
 from colm_server.service.journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -125,20 +125,20 @@ class Job:
         records = self.stream.take(self.world_size * self.per_rank_large)
         batch = self.collator(records)
         sel = self.selector.select(batch, step=step)
-        tokens, prompt_lens = rows_of(batch)
         chosen = sel.indices.tolist()
         weight_of = dict(zip(chosen, sel.weights.tolist()))
-        dealt = deal(chosen, [len(tokens[i]) for i in chosen], self.world_size)
+        counts = batch.token_counts().tolist()
+        dealt = deal(chosen, [counts[i] for i in chosen], self.world_size)
         epoch = int(records[-1].get("epoch", 0)) if records else 0
-        ranks = [
-            RankBatch(
+        ranks = []
+        for r, rows in enumerate(dealt):
+            tokens, lengths, prompt_lens = pack_rows(batch, rows)
+            ranks.append(RankBatch(
                 step=step, rank=r, epoch=epoch, param_version=self.param_version,
                 ids=[batch.ids[i] for i in rows], sources=[batch.sources[i] for i in rows],
-                weights=[weight_of[i] for i in rows], tokens=[tokens[i] for i in rows],
-                prompt_lens=[prompt_lens[i] for i in rows],
-            )
-            for r, rows in enumerate(dealt)
-        ]
+                weights=[weight_of[i] for i in rows], tokens=tokens, lengths=lengths,
+                prompt_lens=prompt_lens,
+            ))
         seen, selected = dict(self.source_seen), dict(self.source_selected)
         for s in batch.sources:
             seen[s] = seen.get(s, 0) + 1

@@ -10,7 +10,6 @@ into place with ``os.replace``; the state file goes last, so it is the commit po
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import threading
@@ -77,8 +76,7 @@ def _check_plain(value: Any, where: str = "state") -> None:
 
 
 def _pack(rb: RankBatch) -> dict:
-    """One rank's batch as compact tensors: tokens flat int32 with row offsets."""
-    lengths = [len(t) for t in rb.tokens]
+    """One rank's batch as compact tensors: tokens flat int32 with per-row lengths."""
     return {
         "rank": rb.rank,
         "epoch": rb.epoch,
@@ -86,14 +84,13 @@ def _pack(rb: RankBatch) -> dict:
         "ids": list(rb.ids),
         "sources": list(rb.sources),
         "weights": torch.tensor(rb.weights, dtype=torch.float64),
-        "tokens": torch.tensor(list(itertools.chain.from_iterable(rb.tokens)), dtype=torch.int32),
-        "offsets": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64),
+        "tokens": rb.tokens.to(torch.int32).contiguous(),
+        "lengths": torch.tensor(rb.lengths, dtype=torch.int64),
         "prompt_lens": torch.tensor(rb.prompt_lens, dtype=torch.int32),
     }
 
 
 def _unpack(step: int, d: dict) -> RankBatch:
-    flat, offsets = d["tokens"].tolist(), d["offsets"].tolist()
     return RankBatch(
         step=step,
         rank=d["rank"],
@@ -102,7 +99,8 @@ def _unpack(step: int, d: dict) -> RankBatch:
         ids=list(d["ids"]),
         sources=list(d["sources"]),
         weights=d["weights"].tolist(),
-        tokens=[flat[a:b] for a, b in zip(offsets, offsets[1:])],
+        tokens=d["tokens"],
+        lengths=d["lengths"].tolist(),
         prompt_lens=d["prompt_lens"].tolist(),
     )
 
