@@ -322,3 +322,15 @@ def test_a_killed_rank_resumes_with_identical_batches(server, tmp_path):
     fresh = take(CoresetStream(target(server), rank=0, world_size=W, start_step=0), total)
     for g, f in zip(got, fresh):
         assert g["ids"] == f.ids and g["weights"] == f.weights.tolist()
+
+
+def test_a_stalled_rank_holds_selection_at_the_prefetch_bound_and_drains(server):
+    prefetch = server.config.service.prefetch
+    early = take(CoresetStream(target(server), rank=0, world_size=W), prefetch)
+    with grpc.insecure_channel(target(server)) as channel:
+        status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest())
+    # Rank 1 has not acknowledged anything: no step past the bound has been selected.
+    assert status.selected_steps == prefetch and not status.ranks[1].connected
+    assert [b.step for b in early] == list(range(prefetch))
+    ranks = take_all(server, prefetch + 3)  # rank 1 drains; selection moves on for both
+    assert [b.step for b in ranks[1]] == list(range(prefetch + 3))
