@@ -22,13 +22,12 @@ CHUNK_BYTES = 1 << 20
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's LoRA parameters by name, the adapter name dropped (as peft saves them)."""
-    out = {}
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            parts = name.split(".")
-            adapter = getattr(model, "active_adapter", "default")
-            out[".".join(p for p in parts if p != adapter)] = param
-    return out
+    adapter = getattr(model, "active_adapter", "default")
+    return {
+        ".".join(part for part in name.split(".") if part != adapter): param
+        for name, param in model.named_parameters()
+        if "lora_" in name
+    }
 
 
 def adapter_chunks(state: dict[str, torch.Tensor], job_id: str, trainer_step: int,
