@@ -241,6 +241,20 @@ def test_status_cli_prints_progress_and_counters(server, capsys):
     status_main([target(server)])
     out = capsys.readouterr().out
     assert "steps selected" in out and "big:" in out and "skipped records: none" in out
+    assert "samples truncated to max length: 0" in out
+
+
+def test_truncated_samples_are_counted(tmp_path):
+    srv = SelectorServer(make_config(tmp_path, **{"tokenize.max_length": 12}))
+    srv.start()
+    try:
+        batches = take_all(srv, 2)
+        assert all(b.input_ids.shape[1] <= 12 for r in batches for b in r)
+        with grpc.insecure_channel(target(srv)) as channel:
+            status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest())
+        assert status.truncated > 0 and status.truncated <= status.selected_steps * W * L
+    finally:
+        srv.stop(grace=1)
 
 
 def test_malformed_records_are_skipped_and_counted_while_the_stream_goes_on(tmp_path):

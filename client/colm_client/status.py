@@ -33,6 +33,7 @@ def format_status(s: dict) -> str:
         lines.append(f"  {src}: {s['source_seen'][src]} / {s['source_selected'].get(src, 0)}")
     skipped = {k: v for k, v in s["skipped"].items() if int(v)}
     lines.append("skipped records: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
+    lines.append(f"samples truncated to max length: {s['truncated']}")
     return "\n".join(lines)
 
 

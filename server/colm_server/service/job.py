@@ -77,6 +77,7 @@ class Job:
         self.next_step = 0  # next step to select
         self.source_seen: dict[str, int] = {}  # samples drawn per source, committed steps only
         self.source_selected: dict[str, int] = {}
+        self.truncated = 0  # samples cut to max_length, committed steps only
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -139,14 +140,16 @@ class Job:
                 weights=[weight_of[i] for i in rows], tokens=tokens, lengths=lengths,
                 prompt_lens=prompt_lens,
             ))
+        truncated = self.truncated + batch.num_truncated
         seen, selected = dict(self.source_seen), dict(self.source_selected)
         for s in batch.sources:
             seen[s] = seen.get(s, 0) + 1
         for i in chosen:
             selected[batch.sources[i]] = selected.get(batch.sources[i], 0) + 1
-        self.journal.commit(step, ranks, self._state(step + 1, seen, selected))
+        self.journal.commit(step, ranks, self._state(step + 1, seen, selected, truncated))
         with self._cond:  # counters move with the step, so a status is one consistent snapshot
             self.next_step, self.source_seen, self.source_selected = step + 1, seen, selected
+            self.truncated = truncated
             self._cond.notify_all()
 
     def snapshot(self) -> dict:
@@ -155,10 +158,11 @@ class Job:
             return {
                 "selected_steps": self.next_step, "param_version": self.param_version,
                 "source_seen": dict(self.source_seen), "source_selected": dict(self.source_selected),
+                "truncated": self.truncated,
                 "ranks": [(r.connected, r.next_step, r.acked) for r in self.ranks],
             }
 
-    def _state(self, next_step: int, seen: dict, selected: dict) -> dict:
+    def _state(self, next_step: int, seen: dict, selected: dict, truncated: int) -> dict:
         return {
             "next_step": next_step,
             "param_version": self.param_version,
@@ -166,6 +170,7 @@ class Job:
             "selector": self.selector.state_dict(),
             "source_seen": seen,
             "source_selected": selected,
+            "truncated": truncated,
         }
 
     def _restore(self) -> None:
@@ -178,6 +183,7 @@ class Job:
         self.selector.load_state_dict(state["selector"])
         self.source_seen = dict(state["source_seen"])
         self.source_selected = dict(state["source_selected"])
+        self.truncated = state["truncated"]
         for r in self.ranks:  # ranks rejoin with their own start_step
             r.acked = self.next_step - 1 - self.prefetch
         logger.info("resumed at step %d, param version %d", self.next_step, self.param_version)

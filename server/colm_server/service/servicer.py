@@ -115,6 +115,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             job_id=self.job_id, world_size=job.world_size, config_fingerprint=self.fingerprint,
             selected_steps=snap["selected_steps"], param_version=snap["param_version"],
             epoch=job.stream.epoch, journal_first_step=job.journal.first_step or 0,
+            truncated=snap["truncated"],
         )
         for r, (connected, next_step, acked) in enumerate(snap["ranks"]):
             reply.ranks.add(rank=r, connected=connected, next_step=next_step,
