@@ -1,0 +1,188 @@
+"""``colm-data prepare``: JSONL files (or a saved Hugging Face dataset) to the WebDataset shards we read.
+
+Each record becomes a sample ``{__key__, json}`` with ``json`` = ``{id, source, prompt, response}``
+(or ``{id, source, text}``), as ``colm_server.data.shards`` expects. Bad lines are logged with file
+and line, counted per reason and skipped; ``manifest.json`` in the output folder lists what was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+logger = logging.getLogger(__name__)
+
+REASONS = ("bad_json", "bad_utf8", "not_object", "missing_id", "missing_source",
+           "missing_response", "empty_response", "duplicate_id")
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, parsed object or skip reason) for every non-blank line or dataset row of ``path``."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"{path} is a folder: reading a saved Hugging Face dataset needs the "
+                              "`datasets` package (pip install datasets)") from None
+        loaded = datasets.load_from_disk(str(path))
+        splits = [(name, loaded[name]) for name in sorted(loaded)] if isinstance(
+            loaded, datasets.DatasetDict) else [("", loaded)]
+        for name, split in splits:
+            for i, row in enumerate(split):
+                yield f"{path}{'/' + name if name else ''}[row {i}]", row
+        return
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield f"{path}:{n}", "bad_utf8"
+            except ValueError:
+                yield f"{path}:{n}", "bad_json"
+
+
+def _canonical(obj: Any, fields: dict[str, str], default_source: str | None) -> dict[str, str] | str:
+    """The record in canonical field names, or the reason it cannot be used."""
+    if not isinstance(obj, dict):
+        return "not_object"
+    ident = obj.get(fields["id"])
+    if isinstance(ident, int) and not isinstance(ident, bool):
+        ident = str(ident)
+    if not isinstance(ident, str) or not ident:
+        return "missing_id"
+    source = obj.get(fields["source"]) or default_source
+    if not isinstance(source, str) or not source:
+        return "missing_source"
+    prompt, response, text = (obj.get(fields[k]) for k in ("prompt", "response", "text"))
+    if isinstance(response, str) and response.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            return "missing_response"  # a prompt that is not text: the record is unusable as a pair
+        record = {"id": ident, "source": source, "prompt": prompt or "", "response": response}
+    elif isinstance(text, str) and text.strip():
+        record = {"id": ident, "source": source, "text": text}
+    else:
+        return "empty_response" if isinstance(response, str) or isinstance(text, str) else "missing_response"
+    try:  # JSON escapes can carry lone surrogates, which the reader skips as bad_utf8
+        "".join(record.values()).encode("utf-8")
+    except UnicodeEncodeError:
+        return "bad_utf8"
+    return record
+
+
+def _key(index: int, ident: str) -> str:
+    """A tar key unique by its running index; no dots (webdataset splits there) or slashes."""
+    return f"{index:09d}_{re.sub(r'[^A-Za-z0-9_-]+', '_', ident)[:80]}"
+
+
+def brace_pattern(names: list[str]) -> str:
+    """``shard-{000000..000003}.tar`` for consecutive names ``shard-000000.tar`` ... (one name as is)."""
+    if len(names) <= 1:
+        return names[0] if names else ""
+    head, first, last = names[0][:-10], names[0][-10:-4], names[-1][-10:-4]
+    return f"{head}{{{first}..{last}}}.tar"
+
+
+def prepare(inputs: list[Path], out_dir: Path, *, shard_max_records: int = 10000,
+            shard_max_bytes: int = 256 << 20, id_field: str = "id", source_field: str = "source",
+            prompt_field: str = "prompt", response_field: str = "response", text_field: str = "text",
+            default_source: str | None = None, prefix: str = "shard") -> dict[str, Any]:
+    """Write ``inputs`` (read in the given order) as shards in ``out_dir``; returns the manifest."""
+    inputs = [Path(p) for p in inputs]
+    out_dir = Path(out_dir)
+    if not inputs:
+        raise ValueError("inputs: give at least one JSONL file or dataset folder")
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"inputs: not found: {', '.join(missing)}")
+    if shard_max_records < 1 or shard_max_bytes < 1:
+        raise ValueError("shard_max_records and shard_max_bytes must be >= 1")
+    if not prefix or not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+        raise ValueError(f"prefix: letters, digits, '_' and '-' only, got {prefix!r}")
+    fields = {"id": id_field, "source": source_field, "prompt": prompt_field,
+              "response": response_field, "text": text_field}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    per_shard: list[int] = []
+    seen: set[str] = set()
+    writer = None
+    try:
+        for path in inputs:
+            for where, obj in _rows(path):
+                record = obj if isinstance(obj, str) else _canonical(obj, fields, default_source)
+                if isinstance(record, dict) and record["id"] in seen:
+                    record = "duplicate_id"
+                if isinstance(record, str):
+                    skipped[record] += 1
+                    logger.warning("skipped (%s): %s", record, where)
+                    continue
+                seen.add(record["id"])
+                if writer is None:  # opened lazily: no input record, no empty shard
+                    writer = wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=shard_max_records,
+                                             maxsize=shard_max_bytes, verbose=0)
+                shard_before = writer.shard
+                writer.write({"__key__": _key(len(seen) - 1, record["id"]),
+                              "json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+                if writer.shard != shard_before or not per_shard:
+                    per_shard.append(0)
+                per_shard[-1] += 1
+                sources[record["source"]] += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    names = [f"{prefix}-{i:06d}.tar" for i in range(len(per_shard))]
+    stale = sorted(p.name for p in out_dir.glob(f"{prefix}-[0-9]*.tar") if p.name not in names)
+    if stale:
+        logger.warning("%s also holds shards not written now (not in the manifest): %s", out_dir, stale)
+    pattern = brace_pattern(names)
+    manifest = {
+        "total": sum(per_shard), "shards": names, "records_per_shard": per_shard,
+        "sources": dict(sorted(sources.items())), "skipped": dict(sorted(skipped.items())),
+        "pattern": pattern, "urls": str(out_dir.resolve() / pattern) if names else "",
+        "inputs": [str(p) for p in inputs],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``colm-data prepare INPUT... --out DIR``: write shards and print a summary."""
+    parser = argparse.ArgumentParser(prog="colm-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="convert JSONL files / saved HF datasets to WebDataset shards")
+    p.add_argument("inputs", nargs="+", type=Path, help="JSONL (.jsonl, .jsonl.gz) or dataset folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
+    p.add_argument("--shard-records", type=int, default=10000, help="records per shard at most")
+    p.add_argument("--shard-mb", type=float, default=256, help="MiB per shard at most")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    for name in ("id", "source", "prompt", "response", "text"):
+        p.add_argument(f"--{name}-field", default=name, help=f"input key holding the {name}")
+    p.add_argument("--default-source", help="source for records that have none")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    manifest = prepare(
+        args.inputs, args.out, shard_max_records=args.shard_records,
+        shard_max_bytes=max(1, int(args.shard_mb * (1 << 20))), id_field=args.id_field,
+        source_field=args.source_field, prompt_field=args.prompt_field, response_field=args.response_field,
+        text_field=args.text_field, default_source=args.default_source, prefix=args.prefix)
+    print(f"records: {manifest['total']} in {len(manifest['shards'])} shard(s) under {args.out}")
+    print("sources: " + ", ".join(f"{s}={n}" for s, n in manifest["sources"].items()))
+    print(f"skipped: {sum(manifest['skipped'].values())} {manifest['skipped'] or ''}".rstrip())
+    if manifest["urls"]:
+        print(f"data.urls: {manifest['urls']}")
+    return 0 if manifest["total"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

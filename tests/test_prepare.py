@@ -1,0 +1,124 @@
+"""colm-data prepare: JSONL in, shards out that ShardStream reads back record for record."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from colm_server.data.prepare import brace_pattern, main, prepare
+from colm_server.data.shards import ShardConfig, ShardStream
+
+MATH_MIXTURE = Path("/work/shared/data/math-mixture/train.jsonl")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_back(manifest: dict) -> list[dict]:
+    stream = ShardStream(ShardConfig(urls=manifest["urls"], shuffle_shards=False, buffer=0))
+    records = stream.take(manifest["total"])
+    assert stream.skipped == {}
+    return records
+
+
+def rows(n: int, sources: tuple[str, ...] = ("gsm8k", "svamp")) -> list[dict]:
+    return [{"id": f"r.{i}/x", "source": sources[i % len(sources)], "prompt": f"{i} + 1 = ?",
+             "response": f"{i + 1} ✓"} for i in range(n)]
+
+
+def test_round_trip_keeps_ids_sources_and_text(tmp_path):
+    data = rows(7)
+    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out")
+    assert manifest["total"] == 7 and manifest["shards"] == ["shard-000000.tar"]
+    got = read_back(manifest)
+    assert [{k: r[k] for k in ("id", "source", "prompt", "response")} for r in got] == data
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:  # keys: no dots, no slashes
+        keys = [name.rsplit(".", 1)[0] for name in tar.getnames()]
+    assert len(set(keys)) == 7 and not any("." in k or "/" in k for k in keys)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+
+def test_small_shards_split_in_order_across_inputs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", rows(6))
+    b = write_jsonl(tmp_path / "b.jsonl", [{**r, "id": "b" + r["id"]} for r in rows(5)])
+    manifest = prepare([a, b], tmp_path / "out", shard_max_records=3, prefix="mix")
+    assert manifest["records_per_shard"] == [3, 3, 3, 2]
+    assert manifest["pattern"] == "mix-{000000..000003}.tar"
+    assert manifest["inputs"] == [str(a), str(b)]
+    assert [r["id"] for r in read_back(manifest)] == [r["id"] for r in rows(6)] + [
+        "b" + r["id"] for r in rows(5)]
+
+
+def test_malformed_lines_counted_by_reason(tmp_path, caplog):
+    good = rows(3)
+    bad = ['{"id": "x", broken', "[1, 2]", {"source": "s", "response": "r"},
+           {"id": "n1", "response": "r"}, {"id": "n2", "source": "s", "prompt": "p"},
+           {"id": "n3", "source": "s", "prompt": "p", "response": ""}, good[0]]
+    path = write_jsonl(tmp_path / "in.jsonl", good + [""] + bad)
+    manifest = prepare([path], tmp_path / "out")
+    assert manifest["skipped"] == {"bad_json": 1, "not_object": 1, "missing_id": 1, "missing_source": 1,
+                                   "missing_response": 1, "empty_response": 1, "duplicate_id": 1}
+    assert manifest["total"] == 3 and [r["id"] for r in read_back(manifest)] == [r["id"] for r in good]
+    assert f"{path}:5" in caplog.text  # line 4 is blank: not a record, not counted
+
+
+def test_custom_field_names_and_default_source(tmp_path):
+    data = [{"uid": 7, "question": "q?", "answer": "a."}, {"uid": 8, "question": "q2", "answer": "b"}]
+    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out", id_field="uid",
+                       prompt_field="question", response_field="answer", default_source="quiz")
+    got = read_back(manifest)
+    assert [(r["id"], r["source"], r["prompt"], r["response"]) for r in got] == [
+        ("7", "quiz", "q?", "a."), ("8", "quiz", "q2", "b")]
+
+
+def test_text_only_records(tmp_path):
+    data = [{"id": "t1", "source": "web", "body": "plain text one"},
+            {"id": "t2", "source": "web", "body": "two"}]
+    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out", text_field="body")
+    with tarfile.open(tmp_path / "out" / manifest["shards"][0]) as tar:
+        first = json.loads(tar.extractfile(tar.getmembers()[0]).read())
+    assert first == {"id": "t1", "source": "web", "text": "plain text one"}
+    got = read_back(manifest)
+    assert [(r["prompt"], r["response"]) for r in got] == [("", "plain text one"), ("", "two")]
+
+
+def test_manifest_counts_per_source(tmp_path):
+    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", rows(10, ("a", "b", "b", "c")))], tmp_path / "out")
+    assert manifest["sources"] == {"a": 3, "b": 5, "c": 2}
+
+
+def test_cli_prints_summary_and_urls(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--shard-records", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "records: 4 in 2 shard(s)" in out and "gsm8k=2" in out
+    assert f"data.urls: {(tmp_path / 'out').resolve()}/shard-{{000000..000001}}.tar" in out
+
+
+def test_folder_without_datasets_package_names_it(tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="datasets"):
+            prepare([tmp_path], tmp_path / "out")
+    else:
+        pytest.skip("datasets is installed; the missing-package error cannot be shown")
+
+
+def test_brace_pattern():
+    assert brace_pattern(["s-000000.tar"]) == "s-000000.tar"
+    assert brace_pattern([f"s-{i:06d}.tar" for i in range(12)]) == "s-{000000..000011}.tar"
+
+
+@pytest.mark.skipif(not MATH_MIXTURE.exists(), reason=f"{MATH_MIXTURE} not on this machine")
+def test_math_mixture(tmp_path):
+    manifest = prepare([MATH_MIXTURE], tmp_path / "out", shard_max_records=4000)
+    assert 9602 - sum(manifest["skipped"].values()) == manifest["total"]
+    assert len(manifest["sources"]) == 15 and sum(manifest["sources"].values()) == manifest["total"]
+    assert manifest["records_per_shard"] == [4000, 4000, manifest["total"] - 8000]
+    assert len(read_back(manifest)) == manifest["total"]
