@@ -1,0 +1,184 @@
+"""`colm-train`: LoRA training on the selector's weighted coresets, one process or under torchrun.
+
+    colm-train --model smollm2 --selector selector:50051 --steps 1000 --output-dir runs/a
+    torchrun --nproc-per-node 8 -m colm_server.train --model /models/llama --selector ... --steps 1000
+
+Each rank pulls its own coreset stream; the loss is the coreset's weighted loss. Rank 0 saves
+`checkpoint-<step>/` (adapter, optimizer, scheduler, step) and pushes the adapter to the selector.
+Resume policy: a restart loads the latest complete checkpoint and rejoins the stream at its step + 1,
+so steps trained after that checkpoint are trained again (the ledger then holds them twice; the last
+entry per step is the one the final weights saw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from colm_client import AdapterSync, CoresetStream, weighted_loss
+from colm_server.model.load import attach_lora, load_model
+
+logger = logging.getLogger("colm_server.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="colm-train", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="tiny:<arch>, smollm2, a HF folder or a .gguf")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: attention)")
+    p.add_argument("--selector", required=True, help="host:port of the selector service")
+    p.add_argument("--job-id", default="default", help="the selector's job id")
+    p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="after warmup")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--output-dir", required=True, help="checkpoints and ledgers")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
+    p.add_argument("--push-every", type=int, default=0, help="push the adapter every N steps (0: never)")
+    p.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
+    return p.parse_args(argv)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a process group only when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def lr_lambda(args: argparse.Namespace):
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.schedule == "constant":
+            return 1.0
+        progress = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint with the highest step; temp folders and half-written ones are skipped."""
+    done = [d for d in output_dir.glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
+    return max(done, key=lambda d: int(d.name.rsplit("-", 1)[1]), default=None)
+
+
+def save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, scheduler) -> Path:
+    """Write to a temp folder, then rename: a crash never leaves a checkpoint that looks complete."""
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp / "adapter")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp / "optim.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)  # a step retrained after a resume is saved again
+    os.replace(tmp, final)
+    return final
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train until `args.steps` optimizer steps are done; {"step": last step, "loss": its loss}."""
+    rank, world, device = setup_distributed()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)  # same LoRA init on every rank (DDP also broadcasts it)
+
+    # Model: the frozen base plus LoRA, fresh or from the latest checkpoint.
+    ckpt = latest_checkpoint(out)
+    base = load_model(args.model, device=device)
+    peft_model = attach_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             targets=args.lora_targets, adapter=ckpt / "adapter" if ckpt else None)
+    peft_model.to(device).train()
+    model = DDP(peft_model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else peft_model
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "optim.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = json.loads((ckpt / "trainer_state.json").read_text())["step"] + 1
+        if rank == 0:
+            logger.info("resuming from %s at step %d", ckpt, start)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" \
+        else nullcontext()
+
+    stream = CoresetStream(args.selector, args.job_id, rank, world, start_step=start)
+    sync = AdapterSync(args.selector, peft_model, args.push_every, args.job_id, rank) \
+        if args.push_every > 0 else None
+    ledger = open(out / f"ledger-rank{rank}.jsonl", "a")
+    step, loss_value, tokens, t0 = start - 1, float("nan"), 0, time.perf_counter()
+    try:
+        for batch in itertools.islice(stream, max(args.steps - start, 0)):
+            step = batch.step
+            with autocast:
+                logits = model(input_ids=batch.input_ids.to(device),
+                               attention_mask=batch.attention_mask.to(device)).logits
+            loss = weighted_loss(logits, batch.labels.to(device), batch.weights.to(device))
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = loss.item()
+            tokens += int(batch.attention_mask.sum())
+            ledger.write(json.dumps({"step": step, "ids": batch.ids,
+                                     "weights": batch.weights.tolist(), "loss": loss_value}) + "\n")
+            ledger.flush()
+            if rank == 0 and (step + 1) % args.log_every == 0:
+                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+                logger.info("step %d | loss %.4f | lr %.2e | %.0f tok/s | param_version %d", step,
+                            loss_value, lr, tokens / elapsed, batch.param_version)
+                tokens = 0
+            if sync is not None:
+                sync.maybe_push(step)
+            last = step + 1 == args.steps
+            if rank == 0 and ((args.save_every and (step + 1) % args.save_every == 0) or last):
+                save_checkpoint(out, step, peft_model, optimizer, scheduler)
+    finally:
+        stream.close()
+        ledger.close()
+        if sync is not None:
+            sync.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return {"step": step, "loss": loss_value}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = train(parse_args(argv))
+    logger.info("done: step %d, loss %.4f", result["step"], result["loss"])
+
+
+if __name__ == "__main__":
+    main()
