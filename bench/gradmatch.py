@@ -116,7 +116,7 @@ def train_adapter(model, collator: Collator, records: list[dict], steps: int, ba
 
 
 def second_moment(model, opt, beta2: float, steps: int) -> torch.Tensor:
-    """Adam's v of each LoRA matrix, flattened in the order `full_lora_grads` uses."""
+    """Adam's v of each LoRA matrix, flattened in the order `adapter_grads` uses."""
     targets = adapter_targets(model)
     return torch.cat([opt.state[t.module.weight]["exp_avg_sq"].flatten() for t in targets]) / (
         1 - beta2**steps

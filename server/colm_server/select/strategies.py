@@ -90,25 +90,26 @@ def colm(ctx: SelectionContext) -> Picked:
             picked.append(_sample(rows, k, ctx.generator))
         else:
             clustered[s] = rows
-    if clustered:
-        t0 = time.perf_counter()
-        sketch = ctx.sketch()
-        t1 = time.perf_counter()
-        normalizer = ctx.normalizer if cfg.normalize else None
-        groups = list(clustered.values())
-        coords = top_coordinates(sketch, normalizer, groups, cfg.zo_dim, cfg.block)
-        t2 = time.perf_counter()
-        for (s, rows), cols in zip(clustered.items(), coords):
-            feats = gather_features(sketch, normalizer, rows.to(sketch.device), cols)
-            order, counts = facility_location(pairwise_similarity(feats, cfg.similarity),
-                                              ctx.allocation[s])
-            picked.append((rows[order.cpu()], counts.cpu().float()))
-        t3 = time.perf_counter()
-        chosen, _ = _cat(picked)
-        if normalizer is not None:
-            normalizer.update(sketch, chosen.to(sketch.device), cfg.block)
-        ctx.timings.update(sketch=t1 - t0, sparsify=t2 - t1, facility=t3 - t2)
-    return _cat(picked)
+    if not clustered:
+        return _cat(picked)
+    t0 = time.perf_counter()
+    sketch = ctx.sketch()
+    t1 = time.perf_counter()
+    normalizer = ctx.normalizer if cfg.normalize else None
+    groups = list(clustered.values())
+    coords = top_coordinates(sketch, normalizer, groups, cfg.zo_dim, cfg.block)
+    t2 = time.perf_counter()
+    for (s, rows), cols in zip(clustered.items(), coords):
+        feats = gather_features(sketch, normalizer, rows.to(sketch.device), cols)
+        order, counts = facility_location(pairwise_similarity(feats, cfg.similarity),
+                                          ctx.allocation[s])
+        picked.append((rows[order.cpu()], counts.cpu().float()))
+    t3 = time.perf_counter()
+    rows, weights = _cat(picked)
+    if normalizer is not None:
+        normalizer.update(sketch, rows.to(sketch.device), cfg.block)
+    ctx.timings.update(sketch=t1 - t0, sparsify=t2 - t1, facility=t3 - t2)
+    return rows, weights
 
 
 STRATEGIES: dict[str, Callable[[SelectionContext], Picked]] = {
