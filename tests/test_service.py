@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -218,6 +219,9 @@ def test_health_reflection_and_status(server):
     assert sum(status.source_seen.values()) == status.selected_steps * W * L
     # A batch counts as consumed when the trainer asks for the next: step 1 is not yet.
     assert status.ranks[0].next_step == 2 and status.ranks[0].acked_step == 0
+    # Cost of this process: every selection timed, peak memory of a live Python process.
+    assert status.selections == status.selected_steps and status.selection_seconds > 0
+    assert status.peak_rss_bytes > 50 << 20 and status.peak_device_bytes == 0  # CPU here
 
 
 def test_reflection_lists_the_selector_service(server):
@@ -241,7 +245,20 @@ def test_status_cli_prints_progress_and_counters(server, capsys):
     status_main([target(server)])
     out = capsys.readouterr().out
     assert "steps selected" in out and "big:" in out and "skipped records: none" in out
-    assert "samples truncated to max length: 0" in out
+    assert "samples truncated to max length: 0" in out and "selections" in out
+
+
+def test_status_health_flag_exits_0_while_serving_and_1_when_nobody_listens(server):
+    from colm_client.status import main as status_main
+
+    with pytest.raises(SystemExit) as up:
+        status_main(["--health", target(server)])
+    with socket.socket() as s:  # a port nobody listens on once the socket is closed
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SystemExit) as down:
+        status_main(["--health", closed])
+    assert (up.value.code, down.value.code) == (0, 1)
 
 
 def test_truncated_samples_are_counted(tmp_path):

@@ -1,4 +1,4 @@
-"""`colm-status`: what a selector is doing, read through its Status RPC."""
+"""`colm-status`: what a selector is doing, read through its Status RPC, or only whether it serves."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 
 
 def status(target: str, job_id: str = "", timeout: float = 10.0) -> dict:
@@ -18,11 +21,30 @@ def status(target: str, job_id: str = "", timeout: float = 10.0) -> dict:
     return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def serving(target: str, timeout: float = 5.0) -> bool:
+    """True when the selector's standard health service reports SERVING within ``timeout``."""
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _mib(n) -> str:
+    return f"{int(n) / (1 << 20):.0f} MiB"
+
+
 def format_status(s: dict) -> str:
+    steps = int(s["selections"])
+    per_step = f"{float(s['selection_seconds']) / steps * 1e3:.1f} ms" if steps else "-"
     lines = [
         f"job {s['job_id']}  world size {s['world_size']}  fingerprint {s['config_fingerprint']}",
         f"steps selected {s['selected_steps']}  param version {s['param_version']}  epoch {s['epoch']}"
         f"  oldest journaled step {s['journal_first_step']}",
+        f"this process: {steps} selections, {per_step} each; peak memory {_mib(s['peak_rss_bytes'])} RSS,"
+        f" {_mib(s['peak_device_bytes'])} on the device",
         "ranks:",
     ]
     for r in s["ranks"]:
@@ -41,5 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="colm-status", description=__doc__)
     p.add_argument("target", nargs="?", default="127.0.0.1:50051", help="host:port of the selector")
     p.add_argument("--job-id", default="")
+    p.add_argument("--health", action="store_true",
+                   help="print nothing; exit 0 when the selector is SERVING, 1 otherwise (health checks)")
     args = p.parse_args(argv)
+    if args.health:
+        raise SystemExit(0 if serving(args.target) else 1)
     print(format_status(status(args.target, args.job_id)))

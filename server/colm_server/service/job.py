@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class Job:
         self.source_seen: dict[str, int] = {}  # samples drawn per source, committed steps only
         self.source_selected: dict[str, int] = {}
         self.truncated = 0  # samples cut to max_length, committed steps only
+        self.selections, self.selection_seconds = 0, 0.0  # this process only: not journaled
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -125,7 +127,9 @@ class Job:
     def _select_step(self, step: int) -> None:
         records = self.stream.take(self.world_size * self.per_rank_large)
         batch = self.collator(records)
+        started = time.perf_counter()
         sel = self.selector.select(batch, step=step)
+        elapsed = time.perf_counter() - started
         chosen = sel.indices.tolist()
         weight_of = dict(zip(chosen, sel.weights.tolist()))
         counts = batch.token_counts().tolist()
@@ -150,6 +154,8 @@ class Job:
         with self._cond:  # counters move with the step, so a status is one consistent snapshot
             self.next_step, self.source_seen, self.source_selected = step + 1, seen, selected
             self.truncated = truncated
+            self.selections += 1
+            self.selection_seconds += elapsed
             self._cond.notify_all()
 
     def snapshot(self) -> dict:
@@ -159,6 +165,7 @@ class Job:
                 "selected_steps": self.next_step, "param_version": self.param_version,
                 "source_seen": dict(self.source_seen), "source_selected": dict(self.source_selected),
                 "truncated": self.truncated,
+                "selections": self.selections, "selection_seconds": self.selection_seconds,
                 "ranks": [(r.connected, r.next_step, r.acked) for r in self.ranks],
             }
 

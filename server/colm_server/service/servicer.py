@@ -10,6 +10,7 @@ import grpc
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.tensors import to_proto
+from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 from colm_server.service.batches import RankBatch
 from colm_server.service.job import Job, JobStopped
 from colm_server.service.journal import StepNotJournaled
@@ -115,7 +116,9 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             job_id=self.job_id, world_size=job.world_size, config_fingerprint=self.fingerprint,
             selected_steps=snap["selected_steps"], param_version=snap["param_version"],
             epoch=job.stream.epoch, journal_first_step=job.journal.first_step or 0,
-            truncated=snap["truncated"],
+            truncated=snap["truncated"], selections=snap["selections"],
+            selection_seconds=snap["selection_seconds"], peak_rss_bytes=peak_rss_bytes(),
+            peak_device_bytes=peak_device_bytes(),
         )
         for r, (connected, next_step, acked) in enumerate(snap["ranks"]):
             reply.ranks.add(rank=r, connected=connected, next_step=next_step,
