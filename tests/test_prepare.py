@@ -122,3 +122,21 @@ def test_math_mixture(tmp_path):
     assert len(manifest["sources"]) == 15 and sum(manifest["sources"].values()) == manifest["total"]
     assert manifest["records_per_shard"] == [4000, 4000, manifest["total"] - 8000]
     assert len(read_back(manifest)) == manifest["total"]
+
+
+def test_synthetic_mixture_cli_writes_shards_a_manifest_url_reads_back(tmp_path, capsys):
+    out = str(tmp_path / "syn")
+    assert main(["synthetic", "--out", out, "--records", "500", "--shard-records", "200"]) == 0
+    assert "records: 500 in 3 shard(s)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert manifest["sources"]["addition"] > 20 * manifest["sources"]["maximum"] > 0  # imbalanced
+    # data.urls may name the manifest: it stands for its shards, in order.
+    stream = ShardStream(ShardConfig(urls=str(tmp_path / "syn" / "manifest.json"), shuffle_shards=False,
+                                     buffer=0))
+    assert stream.shards == [str(tmp_path / "syn" / name) for name in manifest["shards"]]
+    assert [r["id"] for r in stream.take(500)] == [r["id"] for r in read_back(manifest)]
+
+
+def test_a_manifest_that_cannot_be_read_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="urls: cannot read the shard list"):
+        ShardConfig(urls=str(tmp_path / "manifest.json"))

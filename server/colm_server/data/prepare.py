@@ -1,4 +1,4 @@
-"""``colm-data prepare``: JSONL files (or a saved Hugging Face dataset) to the WebDataset shards we read.
+"""``colm-data``: JSONL files, a saved Hugging Face dataset or the synthetic mixture to WebDataset shards.
 
 Each record becomes a sample ``{__key__, json}`` with ``json`` = ``{id, source, prompt, response}``
 (or ``{id, source, text}``), as ``colm_server.data.shards`` expects. Bad lines are logged with file
@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from colm_server.data.shards import MANIFEST
+from colm_server.data.synthetic import synthetic_stream
 
 logger = logging.getLogger(__name__)
 
@@ -99,45 +103,66 @@ def prepare(inputs: list[Path], out_dir: Path, *, shard_max_records: int = 10000
             default_source: str | None = None, prefix: str = "shard") -> dict[str, Any]:
     """Write ``inputs`` (read in the given order) as shards in ``out_dir``; returns the manifest."""
     inputs = [Path(p) for p in inputs]
-    out_dir = Path(out_dir)
     if not inputs:
         raise ValueError("inputs: give at least one JSONL file or dataset folder")
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise FileNotFoundError(f"inputs: not found: {', '.join(missing)}")
+    fields = {"id": id_field, "source": source_field, "prompt": prompt_field,
+              "response": response_field, "text": text_field}
+    skipped: Counter[str] = Counter()
+
+    def usable() -> Iterator[dict[str, str]]:
+        for path in inputs:
+            for where, obj in _rows(path):
+                record = obj if isinstance(obj, str) else _canonical(obj, fields, default_source)
+                if isinstance(record, str):
+                    skipped[record] += 1
+                    logger.warning("skipped (%s): %s", record, where)
+                    continue
+                yield record
+
+    return write_shards(usable(), out_dir, shard_max_records=shard_max_records,
+                        shard_max_bytes=shard_max_bytes, prefix=prefix, skipped=skipped,
+                        inputs=[str(p) for p in inputs])
+
+
+def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_records: int = 10000,
+                 shard_max_bytes: int = 256 << 20, prefix: str = "shard",
+                 skipped: Counter[str] | None = None, inputs: list[str] | None = None) -> dict[str, Any]:
+    """Write canonical records (``{id, source, prompt, response}`` or ``{id, source, text}``) in order.
+
+    A repeated id is skipped and counted in ``skipped`` as ``duplicate_id``; ``manifest.json`` is
+    written beside the shards and returned.
+    """
+    out_dir = Path(out_dir)
     if shard_max_records < 1 or shard_max_bytes < 1:
         raise ValueError("shard_max_records and shard_max_bytes must be >= 1")
     if not prefix or not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"prefix: letters, digits, '_' and '-' only, got {prefix!r}")
-    fields = {"id": id_field, "source": source_field, "prompt": prompt_field,
-              "response": response_field, "text": text_field}
     out_dir.mkdir(parents=True, exist_ok=True)
-    skipped: Counter[str] = Counter()
+    skipped = Counter() if skipped is None else skipped
     sources: Counter[str] = Counter()
     per_shard: list[int] = []
     seen: set[str] = set()
     writer = None
     try:
-        for path in inputs:
-            for where, obj in _rows(path):
-                record = obj if isinstance(obj, str) else _canonical(obj, fields, default_source)
-                if isinstance(record, dict) and record["id"] in seen:
-                    record = "duplicate_id"
-                if isinstance(record, str):
-                    skipped[record] += 1
-                    logger.warning("skipped (%s): %s", record, where)
-                    continue
-                seen.add(record["id"])
-                if writer is None:  # opened lazily: no input record, no empty shard
-                    writer = wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=shard_max_records,
-                                             maxsize=shard_max_bytes, verbose=0)
-                shard_before = writer.shard
-                writer.write({"__key__": _key(len(seen) - 1, record["id"]),
-                              "json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
-                if writer.shard != shard_before or not per_shard:
-                    per_shard.append(0)
-                per_shard[-1] += 1
-                sources[record["source"]] += 1
+        for record in records:
+            if record["id"] in seen:
+                skipped["duplicate_id"] += 1
+                logger.warning("skipped (duplicate_id): %s", record["id"])
+                continue
+            seen.add(record["id"])
+            if writer is None:  # opened lazily: no input record, no empty shard
+                writer = wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=shard_max_records,
+                                         maxsize=shard_max_bytes, verbose=0)
+            shard_before = writer.shard
+            writer.write({"__key__": _key(len(seen) - 1, record["id"]),
+                          "json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+            if writer.shard != shard_before or not per_shard:
+                per_shard.append(0)
+            per_shard[-1] += 1
+            sources[record["source"]] += 1
     finally:
         if writer is not None:
             writer.close()
@@ -150,37 +175,48 @@ def prepare(inputs: list[Path], out_dir: Path, *, shard_max_records: int = 10000
         "total": sum(per_shard), "shards": names, "records_per_shard": per_shard,
         "sources": dict(sorted(sources.items())), "skipped": dict(sorted(skipped.items())),
         "pattern": pattern, "urls": str(out_dir.resolve() / pattern) if names else "",
-        "inputs": [str(p) for p in inputs],
+        "inputs": list(inputs or []),
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``colm-data prepare INPUT... --out DIR``: write shards and print a summary."""
+    """``colm-data prepare INPUT... --out DIR`` or ``colm-data synthetic --out DIR``: shards and a summary."""
     parser = argparse.ArgumentParser(prog="colm-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="convert JSONL files / saved HF datasets to WebDataset shards")
     p.add_argument("inputs", nargs="+", type=Path, help="JSONL (.jsonl, .jsonl.gz) or dataset folders")
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
-    p.add_argument("--shard-records", type=int, default=10000, help="records per shard at most")
-    p.add_argument("--shard-mb", type=float, default=256, help="MiB per shard at most")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    syn = sub.add_parser("synthetic", help="write the built-in synthetic mixture (8 tasks, 48x imbalance)")
+    syn.add_argument("--records", type=int, default=20000, help="records to generate")
+    syn.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    for q in (p, syn):
+        q.add_argument("--out", required=True, type=Path, help="folder for the shards and manifest.json")
+        q.add_argument("--shard-records", type=int, default=10000, help="records per shard at most")
+        q.add_argument("--shard-mb", type=float, default=256, help="MiB per shard at most")
+        q.add_argument("--prefix", default="shard", help="shard file name prefix")
     for name in ("id", "source", "prompt", "response", "text"):
         p.add_argument(f"--{name}-field", default=name, help=f"input key holding the {name}")
     p.add_argument("--default-source", help="source for records that have none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    manifest = prepare(
-        args.inputs, args.out, shard_max_records=args.shard_records,
-        shard_max_bytes=max(1, int(args.shard_mb * (1 << 20))), id_field=args.id_field,
-        source_field=args.source_field, prompt_field=args.prompt_field, response_field=args.response_field,
-        text_field=args.text_field, default_source=args.default_source, prefix=args.prefix)
+    limits = {"shard_max_records": args.shard_records, "prefix": args.prefix,
+              "shard_max_bytes": max(1, int(args.shard_mb * (1 << 20)))}
+    if args.command == "synthetic":
+        if args.records < 1:
+            parser.error(f"--records: must be >= 1, got {args.records}")
+        records = itertools.islice(synthetic_stream(args.seed), args.records)
+        manifest = write_shards(records, args.out, inputs=[f"synthetic(seed={args.seed})"], **limits)
+    else:
+        manifest = prepare(
+            args.inputs, args.out, id_field=args.id_field, source_field=args.source_field,
+            prompt_field=args.prompt_field, response_field=args.response_field, text_field=args.text_field,
+            default_source=args.default_source, **limits)
     print(f"records: {manifest['total']} in {len(manifest['shards'])} shard(s) under {args.out}")
     print("sources: " + ", ".join(f"{s}={n}" for s, n in manifest["sources"].items()))
     print(f"skipped: {sum(manifest['skipped'].values())} {manifest['skipped'] or ''}".rstrip())
     if manifest["urls"]:
-        print(f"data.urls: {manifest['urls']}")
+        print(f"data.urls: {manifest['urls']}  (or {Path(args.out).resolve() / MANIFEST})")
     return 0 if manifest["total"] else 1
 
 

@@ -17,6 +17,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import braceexpand
@@ -25,6 +26,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"  # written by colm-data beside its shards
 REASONS = (
     "bad_json", "bad_utf8", "missing_field", "too_large", "missing_json",
     "duplicate_id", "truncated_tar", "read_error",
@@ -35,7 +37,8 @@ REASONS = (
 class ShardConfig:
     """Where the shards are, how an epoch is ordered, and what a valid record looks like."""
 
-    urls: str | list[str] = field(metadata={"help": "shard URL patterns, brace-expanded: s-{000..009}.tar"})
+    urls: str | list[str] = field(metadata={
+        "help": "shard URL patterns, brace-expanded (s-{000..009}.tar), or a manifest.json of colm-data"})
     seed: int = field(default=0, metadata={"help": "seeds each epoch's shard order and shuffle buffer"})
     shuffle_shards: bool = field(default=True, metadata={"help": "permute the shard order every epoch"})
     buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer, in records; 0 = no shuffle"})
@@ -74,9 +77,22 @@ class ShardConfig:
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """The shard list: every pattern brace-expanded, in the order given."""
+    """The shard list: every pattern brace-expanded, and every manifest.json its shards, in order."""
     patterns = [urls] if isinstance(urls, str) else urls
-    return [u for p in patterns for u in braceexpand.braceexpand(p)]
+    return [u for p in patterns for u in (_manifest_shards(p) if p.endswith(MANIFEST)
+                                          else braceexpand.braceexpand(p))]
+
+
+def _manifest_shards(path: str) -> list[str]:
+    """The shards a ``colm-data`` manifest lists, as paths beside it."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        names = manifest["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"urls: cannot read the shard list of manifest {path!r}: {exc}") from exc
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"urls: manifest {path!r}: 'shards' must be a list of file names")
+    return [str(Path(path).parent / name) for name in names]
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
