@@ -21,14 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from colm_client.stream import CoresetStream
 from colm_server.config import fingerprint, load_config
+from colm_server.launch import SelectorProcess, free_port
 from test_service import B, L, W, take, write_shards
 
 SELECTOR = shutil.which("colm-selector", path=str(Path(sys.executable).parent))
@@ -37,12 +36,6 @@ EXIT_TIMEOUT = 60.0  # SIGTERM to exit: finish the step being selected, end the 
 RANK_TIMEOUT = 120.0  # a rank waiting for its batches (includes a restart and reconnect backoff)
 
 pytestmark = pytest.mark.skipif(SELECTOR is None, reason="console script colm-selector is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path) -> tuple[Path, list[str], str]:
@@ -60,58 +53,6 @@ def write_config(tmp_path: Path) -> tuple[Path, list[str], str]:
     path.write_text(yaml.safe_dump(doc))
     overrides = [f"selector.batch_size={B}", f"service.work_dir={tmp_path / 'work'}"]
     return path, overrides, fingerprint(load_config(path, overrides))
-
-
-class Selector:
-    """A `colm-selector serve` subprocess; its stdout and stderr go to a log file."""
-
-    def __init__(self, config: Path, overrides: list[str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        args = [SELECTOR, "serve", "--config", str(config)]
-        for item in overrides:
-            args += ["--set", item]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_serving(self, target: str, timeout: float = START_TIMEOUT) -> None:
-        """Poll the standard health service until the selector reports SERVING."""
-        deadline = time.monotonic() + timeout
-        fast = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 500)]
-        request = health_pb2.HealthCheckRequest(service="colm.v1.Selector")
-        with grpc.insecure_channel(target, options=fast) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert self.proc.poll() is None, f"selector exited with {self.proc.returncode}:\n{self.log()}"
-                left = deadline - time.monotonic()
-                assert left > 0, f"selector not SERVING after {timeout}s:\n{self.log()}"
-                try:
-                    reply = stub.Check(request, timeout=min(1.0, left), wait_for_ready=True)
-                except grpc.RpcError as err:  # not listening yet, or health not set yet
-                    if err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
-                                          grpc.StatusCode.NOT_FOUND):
-                        raise
-                    continue
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-
-    def terminate(self, timeout: float = EXIT_TIMEOUT) -> int:
-        """SIGTERM; the exit status, which must come within `timeout`."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"selector still running {timeout}s after SIGTERM:\n{self.log()}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(EXIT_TIMEOUT)
-        self._log.close()
 
 
 class Rank(threading.Thread):
@@ -184,13 +125,13 @@ class Reconnects(logging.Handler):
 @pytest.fixture()
 def procs():
     """Start selector processes and ranks; whatever is still running at the end is stopped."""
-    selectors: list[Selector] = []
+    selectors: list[SelectorProcess] = []
     ranks: list[Rank] = []
 
     class Procs:
         @staticmethod
-        def selector(*args) -> Selector:
-            selectors.append(Selector(*args))
+        def selector(config: Path, overrides: list[str], log: Path, port: int) -> SelectorProcess:
+            selectors.append(SelectorProcess(config, overrides, log_path=log, port=port))
             return selectors[-1]
 
         @staticmethod
@@ -228,9 +169,8 @@ def test_sigterm_exits_cleanly_and_a_new_selector_serves_the_journaled_steps(tmp
     config, overrides, fp = write_config(tmp_path)
     port = free_port()
     target = f"127.0.0.1:{port}"
-    overrides.append(f"service.port={port}")  # --set wins over the file's port
-    first = procs.selector(config, overrides, tmp_path / "first.log")
-    first.wait_serving(target)
+    first = procs.selector(config, overrides, tmp_path / "first.log", port)
+    first.wait_serving(START_TIMEOUT)
     pause = 3
     # One batch past the pause may already be in flight; the second must come after the restart.
     ranks = procs.ranks(target, fp, total=pause + 2, pause_at=pause)
@@ -255,8 +195,8 @@ def test_sigterm_exits_cleanly_and_a_new_selector_serves_the_journaled_steps(tmp
             "selector unavailable (selector is shutting down); reconnecting at step"), reconnects.messages
 
     # A new selector on the same port and work dir: the waiting ranks resume by themselves.
-    second = procs.selector(config, overrides, tmp_path / "second.log")
-    second.wait_serving(target)
+    second = procs.selector(config, overrides, tmp_path / "second.log", port)
+    second.wait_serving(START_TIMEOUT)
     received = [rank.finish() for rank in ranks]
     for batches in received:
         assert [b.step for b in batches] == list(range(pause + 2))
@@ -276,9 +216,8 @@ def test_streams_continue_across_a_selector_restart(tmp_path, procs, reconnects,
     config, overrides, fp = write_config(tmp_path)
     port = free_port()
     target = f"127.0.0.1:{port}"
-    overrides.append(f"service.port={port}")
-    first = procs.selector(config, overrides, tmp_path / "first.log")
-    first.wait_serving(target)
+    first = procs.selector(config, overrides, tmp_path / "first.log", port)
+    first.wait_serving(START_TIMEOUT)
     total, pause = 8, 2
     ranks = procs.ranks(target, fp, total=total, pause_at=pause)
     for rank in ranks:
@@ -292,8 +231,8 @@ def test_streams_continue_across_a_selector_restart(tmp_path, procs, reconnects,
     else:  # a crash: no shutdown code runs; the journal's commit protocol must hold by itself
         first.proc.kill()
         assert first.proc.wait(EXIT_TIMEOUT) == -signal.SIGKILL
-    second = procs.selector(config, overrides, tmp_path / "second.log")
-    second.wait_serving(target)
+    second = procs.selector(config, overrides, tmp_path / "second.log", port)
+    second.wait_serving(START_TIMEOUT)
     received = [rank.finish() for rank in ranks]
 
     for rank, batches in zip(ranks, received):
