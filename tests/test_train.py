@@ -14,7 +14,7 @@ import pytest
 from colm_client.stream import CoresetStream
 from colm_server.service.server import SelectorServer
 from colm_server.train import latest_checkpoint, parse_args, train
-from test_service import make_config, take, target
+from test_service import B, make_config, take, target
 
 
 @pytest.fixture()
@@ -44,6 +44,10 @@ def test_trains_n_steps_checkpoints_and_pushes(selector, tmp_path):
     assert [e["step"] for e in ledger(out)] == [0, 1, 2, 3]
     assert all(math.isfinite(e["loss"]) and len(e["ids"]) == len(e["weights"]) for e in ledger(out))
     assert selector.job.param_version >= 1  # the adapter reached the selector
+    summary = json.loads((out / "summary-rank0.json").read_text())
+    assert summary == result and summary["steps"] == 4 and summary["first_step"] == 0
+    assert summary["samples"] == 4 * B and summary["tokens"] > summary["samples"]
+    assert summary["wall_seconds"] > 0 and summary["peak_rss_bytes"] > 50 << 20
 
 
 def test_resume_rejoins_after_the_checkpoint_and_loses_nothing(selector, tmp_path):

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client import AdapterSync, CoresetStream, weighted_loss
 from colm_server.model.load import attach_lora, load_model
+from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 
 logger = logging.getLogger("colm_server.train")
 
@@ -101,7 +102,11 @@ def save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, schedule
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Train until `args.steps` optimizer steps are done; {"step": last step, "loss": its loss}."""
+    """Train until `args.steps` optimizer steps are done; returns (and saves) this rank's summary.
+
+    ``summary-rank<r>.json`` in the output dir: last step and its loss, steps, samples and tokens
+    trained by this process, its wall time and peak memory.
+    """
     rank, world, device = setup_distributed()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +139,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.push_every > 0 else None
     ledger = open(out / f"ledger-rank{rank}.jsonl", "a")
     step, loss_value, tokens, t0 = start - 1, float("nan"), 0, time.perf_counter()
+    started, trained, samples, all_tokens = t0, 0, 0, 0
     try:
         for batch in itertools.islice(stream, max(args.steps - start, 0)):
             step = batch.step
@@ -150,7 +156,9 @@ def train(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             loss_value = loss.item()
-            tokens += int(batch.attention_mask.sum())
+            step_tokens = int(batch.attention_mask.sum())
+            tokens, all_tokens = tokens + step_tokens, all_tokens + step_tokens
+            trained, samples = trained + 1, samples + len(batch.ids)
             ledger.write(json.dumps({"step": step, "ids": batch.ids,
                                      "weights": batch.weights.tolist(), "loss": loss_value}) + "\n")
             ledger.flush()
@@ -171,7 +179,12 @@ def train(args: argparse.Namespace) -> dict:
             sync.close()
         if world > 1:
             dist.destroy_process_group()
-    return {"step": step, "loss": loss_value}
+    summary = {"rank": rank, "world_size": world, "first_step": start, "step": step, "loss": loss_value,
+               "steps": trained, "samples": samples, "tokens": all_tokens,
+               "wall_seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(),
+               "peak_device_bytes": peak_device_bytes()}
+    (out / f"summary-rank{rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
