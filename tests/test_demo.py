@@ -1,7 +1,16 @@
-"""The demo runs offline on the built-in mixture and reports every source and strategy."""
+"""The demo runs offline end to end: shards, a real selector process, torchrun ranks, a report."""
 
+import json
+import math
+
+import pytest
+import torch
+
+from colm_server.data.collate import Collator
 from colm_server.data.synthetic import TASKS, synthetic_stream
-from colm_server.demo import STRATEGIES, run
+from colm_server.demo import DemoConfig, heldout_records, main, run_demo
+from colm_server.evaluate import source_losses
+from colm_server.model.tiny import build_tokenizer, tiny_model
 
 
 def test_synthetic_mixture_is_strongly_imbalanced_and_reproducible():
@@ -12,9 +21,58 @@ def test_synthetic_mixture_is_strongly_imbalanced_and_reproducible():
     assert a == b and {r["source"] for r in a} <= set(TASKS)
 
 
-def test_demo_report_covers_every_source_and_strategy():
-    report = run(steps=2, large=32, small=8, seed=0)
-    for strategy in STRATEGIES:
-        assert f"| {strategy} | 0." in report or f"| {strategy} | 1." in report
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "%" in line]
-    assert len(rows) >= 5  # sources seen in 64 draws of a mixture of 8
+def test_heldout_has_every_task_equally_and_no_training_id():
+    records = heldout_records(per_source=5, seed=0)
+    assert sorted(r["source"] for r in records) == sorted(list(TASKS) * 5)
+    assert all(r["id"].startswith("heldout-") for r in records)
+
+
+def test_source_losses_average_sources_equally_in_macro_and_records_in_micro():
+    collator = Collator(build_tokenizer(), max_length=32)
+    records = [r for _, r in zip(range(40), synthetic_stream(seed=1))]
+    model = tiny_model("llama")
+    got = source_losses(model, collator, records, batch_size=7)  # batches cut across sources
+    one = source_losses(model, collator, records, batch_size=len(records))
+    assert got.per_source == pytest.approx(one.per_source, rel=1e-5)
+    assert set(got.per_source) == {r["source"] for r in records}
+    counts = {s: sum(r["source"] == s for r in records) for s in got.per_source}
+    micro = sum(got.per_source[s] * n for s, n in counts.items()) / len(records)
+    assert got.micro == pytest.approx(micro, rel=1e-5)
+    assert got.macro == pytest.approx(sum(got.per_source.values()) / len(counts), rel=1e-6)
+    assert not model.training and torch.isfinite(torch.tensor(got.macro))
+
+
+def test_bad_demo_settings_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="small"):
+        DemoConfig(large=4, small=8)
+    with pytest.raises(ValueError, match="strategies"):
+        DemoConfig(strategies=["colm", "best"])
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+
+
+def test_shortened_demo_trains_every_strategy_and_reports_every_source(tmp_path):
+    cfg = DemoConfig(out=tmp_path / "demo", steps=4, large=8, small=2, records=400, base_steps=3,
+                     heldout_per_source=2, push_every=2)
+    report = run_demo(cfg)
+
+    text = report.read_text()
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert list(data["heldout"]) == ["base", "colm", "random", "full"]
+    for name, losses in data["heldout"].items():  # a finite held-out loss for every run and task
+        assert set(losses["per_source"]) == set(TASKS), name
+        assert all(math.isfinite(v) for v in losses["per_source"].values())
+    for run in data["runs"]:
+        assert len(run["train_loss"]) == cfg.steps and run["wall_seconds"] > 0
+        assert run["trainer_peak_rss"] > 0 and run["selector_peak_rss"] > 0
+        # Every selected step drew W*L and kept W*b (the selector may run a prefetch ahead).
+        steps = run["selected_steps"]
+        assert cfg.steps <= steps <= cfg.steps + 2
+        assert sum(run["source_seen"].values()) == steps * cfg.world * cfg.large
+        per_rank = cfg.large if run["name"] == "full" else cfg.small
+        assert sum(run["source_selected"].values()) == steps * cfg.world * per_rank
+        assert run["samples_per_rank_step"] == per_rank
+    for task in TASKS:  # every task has its row in the loss table
+        assert sum(line.startswith(f"| {task}") for line in text.splitlines()) >= 1
+    assert "| colm | 2 |" in text and "| full | 8 |" in text  # samples per rank and step

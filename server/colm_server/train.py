@@ -159,7 +159,7 @@ def train(args: argparse.Namespace) -> dict:
             step_tokens = int(batch.attention_mask.sum())
             tokens, all_tokens = tokens + step_tokens, all_tokens + step_tokens
             trained, samples = trained + 1, samples + len(batch.ids)
-            ledger.write(json.dumps({"step": step, "ids": batch.ids,
+            ledger.write(json.dumps({"step": step, "ids": batch.ids, "sources": batch.sources,
                                      "weights": batch.weights.tolist(), "loss": loss_value}) + "\n")
             ledger.flush()
             if rank == 0 and (step + 1) % args.log_every == 0:

@@ -74,11 +74,14 @@ TASKS: dict[str, tuple[Task, int]] = {
 }
 
 
-def synthetic_stream(seed: int = 0) -> Iterator[dict]:
-    """An endless stream of ``{id, source, prompt, response}`` records in mixture proportions."""
+def synthetic_stream(seed: int = 0, balanced: bool = False) -> Iterator[dict]:
+    """An endless stream of ``{id, source, prompt, response}`` records in mixture proportions.
+
+    ``balanced`` draws every task equally often instead (for a base model or a held-out set).
+    """
     rng = random.Random(seed)
     names = list(TASKS)
-    sizes = [TASKS[n][1] for n in names]
+    sizes = [1 if balanced else TASKS[n][1] for n in names]
     i = 0
     while True:
         source = rng.choices(names, weights=sizes)[0]

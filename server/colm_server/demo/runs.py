@@ -1,0 +1,126 @@
+"""One demo run: a real selector process, torchrun trainer ranks pulling from it, then the numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from colm_server.launch import SelectorProcess, trainer_command
+
+PROGRESS_POLL = 0.5  # seconds between two looks at the selector's Status for the progress bar
+
+
+@dataclass
+class RunResult:
+    """What one strategy's run produced: counters from the selector, summaries from the trainers."""
+
+    name: str
+    output_dir: Path
+    selected_steps: int  # may run past the trained steps by the prefetch
+    source_seen: dict[str, int]
+    source_selected: dict[str, int]
+    selection_seconds: float
+    selections: int
+    selector_peak_rss: int
+    trainer_peak_rss: int
+    wall_seconds: float
+    samples_per_rank_step: float
+    train_loss: list[float] = field(default_factory=list)  # mean over ranks, per step
+    weight_share: dict[str, float] = field(default_factory=dict)  # of the total training weight
+
+
+def job_config(*, base: Path, manifest: Path, work_dir: Path, strategy: str, large: int, small: int,
+               world: int, lora: dict[str, Any], max_length: int, seed: int) -> dict:
+    """The selector's YAML document for one run."""
+    return {
+        "model": {"source": str(base), "lora_r": lora["r"], "lora_alpha": lora["alpha"],
+                  "lora_targets": lora["targets"]},
+        "data": {"urls": str(manifest), "seed": seed, "buffer": 1000},
+        "tokenize": {"max_length": max_length, "chat_template": True},
+        "selector": {"strategy": strategy, "large_batch_size": large,
+                     "batch_size": large if strategy == "full" else small, "seed": seed},
+        "service": {"world_size": world, "work_dir": str(work_dir), "prefetch": 2},
+    }
+
+
+def run_strategy(name: str, job: dict, *, steps: int, lr: float, warmup: int, push_every: int,
+                 lora: dict[str, Any], run_dir: Path) -> RunResult:
+    """Serve ``job`` from a selector process and train ``steps`` steps with its world of ranks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "job.yaml"
+    config_path.write_text(yaml.safe_dump(job, sort_keys=False))
+    world = job["service"]["world_size"]
+    trainer_dir = run_dir / "trainer"
+    args = ["--model", job["model"]["source"], "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["alpha"]),
+            "--lora-targets", *lora["targets"], "--steps", str(steps), "--lr", str(lr),
+            "--warmup-steps", str(warmup), "--output-dir", str(trainer_dir), "--save-every", "0",
+            "--push-every", str(push_every), "--log-every", str(max(steps // 5, 1))]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    with SelectorProcess(config_path, log_path=run_dir / "selector.log", env=env) as selector, \
+            open(run_dir / "trainer.log", "wb") as trainer_log:
+        selector.wait_serving()
+        trainers = subprocess.Popen(trainer_command(world, [*args, "--selector", selector.target]),
+                                    stdin=subprocess.DEVNULL, stdout=trainer_log, stderr=subprocess.STDOUT,
+                                    env=env)
+        try:
+            _follow(trainers, selector, steps, f"training with {name}")
+        finally:
+            if trainers.poll() is None:
+                trainers.kill()
+                trainers.wait()
+        wall = time.perf_counter() - started
+        if trainers.returncode != 0:
+            log = (run_dir / "trainer.log").read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{name}: trainers exited with {trainers.returncode}; their log ends:\n{log}")
+        status = selector.status()
+        selector.terminate()
+    summaries = [json.loads((trainer_dir / f"summary-rank{r}.json").read_text()) for r in range(world)]
+    ledgers = [[json.loads(line) for line in (trainer_dir / f"ledger-rank{r}.jsonl").read_text().splitlines()]
+               for r in range(world)]
+    return RunResult(
+        name=name, output_dir=trainer_dir, selected_steps=int(status["selected_steps"]),
+        source_seen={k: int(v) for k, v in status["source_seen"].items()},
+        source_selected={k: int(v) for k, v in status["source_selected"].items()},
+        selection_seconds=float(status["selection_seconds"]), selections=int(status["selections"]),
+        selector_peak_rss=int(status["peak_rss_bytes"]),
+        trainer_peak_rss=max(s["peak_rss_bytes"] for s in summaries), wall_seconds=wall,
+        samples_per_rank_step=sum(s["samples"] for s in summaries) / sum(s["steps"] for s in summaries),
+        train_loss=[sum(e["loss"] for e in step) / world for step in zip(*ledgers)],
+        weight_share=_weight_share(ledgers),
+    )
+
+
+def _weight_share(ledgers: list[list[dict]]) -> dict[str, float]:
+    """Each source's share of the summed sample weights: its pull on the training loss."""
+    per_source: dict[str, float] = {}
+    for entry in (e for ledger in ledgers for e in ledger):
+        for source, weight in zip(entry["sources"], entry["weights"]):
+            per_source[source] = per_source.get(source, 0.0) + weight
+    total = sum(per_source.values())
+    return {s: w / total for s, w in per_source.items()}
+
+
+def _follow(trainers: subprocess.Popen, selector: SelectorProcess, steps: int, desc: str) -> None:
+    """A progress bar of the steps every rank has finished, until the trainers exit."""
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
+        while True:
+            try:
+                trainers.wait(PROGRESS_POLL)
+                done = steps if trainers.returncode == 0 else bar.n
+            except subprocess.TimeoutExpired:
+                ranks = selector.status()["ranks"]
+                # A rank acknowledges step t when it asks for t+1: acked+1 steps are behind it.
+                done = min((int(r["acked_step"]) + 1 if int(r["next_step"]) > 1 else 0 for r in ranks),
+                           default=0)
+            bar.update(max(done - bar.n, 0))
+            if trainers.returncode is not None:
+                return
