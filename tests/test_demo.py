@@ -8,7 +8,7 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.data.synthetic import TASKS, synthetic_stream
-from colm_server.demo import DemoConfig, heldout_records, main, run_demo
+from colm_server.demo import DemoConfig, clear_previous, heldout_records, main, run_demo
 from colm_server.evaluate import source_losses
 from colm_server.model.tiny import build_tokenizer, tiny_model
 
@@ -49,6 +49,16 @@ def test_bad_demo_settings_are_refused_naming_the_setting():
         DemoConfig(strategies=["colm", "best"])
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
+
+
+def test_a_new_demo_clears_the_jobs_of_an_earlier_one_and_nothing_else(tmp_path):
+    journal = tmp_path / "runs" / "colm" / "work" / "state.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{}")  # a selector would resume from this, a trainer from checkpoints
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert clear_previous(tmp_path) == [tmp_path / "shards", tmp_path / "runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_shortened_demo_trains_every_strategy_and_reports_every_source(tmp_path):

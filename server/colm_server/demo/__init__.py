@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +77,21 @@ def heldout_records(per_source: int, seed: int) -> list[dict]:
     raise AssertionError("unreachable: the stream is endless")
 
 
+OWNED = ("shards", "base", "runs")  # what the demo writes under its output folder
+
+
+def clear_previous(out: Path) -> list[Path]:
+    """Remove what an earlier demo wrote under ``out``; returns what was removed.
+
+    A selector resumes from its journal and a trainer from its checkpoints, so a second run
+    into old run folders would continue the old jobs instead of starting new ones.
+    """
+    removed = [out / name for name in OWNED if (out / name).exists()]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every strategy and write ``report.md`` and ``report.png`` under ``cfg.out``; returns the .md."""
     from colm_server.demo.base import pretrain_base
@@ -86,6 +102,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         raise RuntimeError("the demo's plot needs matplotlib: pip install 'colm-stream[demo]'")
     hf_logging.disable_progress_bar()  # model loads print bars of their own; keep ours readable
     started = time.perf_counter()
+    for path in clear_previous(cfg.out):
+        print(f"removed {path} from an earlier demo")
     cfg.out.mkdir(parents=True, exist_ok=True)
     shards = cfg.out / "shards"
     manifest = write_shards(itertools.islice(synthetic_stream(cfg.seed), cfg.records), shards,
