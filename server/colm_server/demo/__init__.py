@@ -65,6 +65,20 @@ class DemoConfig:
         return {"r": self.lora_r, "alpha": 2 * self.lora_r, "targets": LORA_TARGETS}
 
 
+def job_config(*, base: Path, manifest: Path, work_dir: Path, strategy: str, large: int, small: int,
+               world: int, lora: dict, max_length: int, seed: int) -> dict:
+    """The selector's YAML document for one demo run."""
+    return {
+        "model": {"source": str(base), "lora_r": lora["r"], "lora_alpha": lora["alpha"],
+                  "lora_targets": lora["targets"]},
+        "data": {"urls": str(manifest), "seed": seed, "buffer": 1000},
+        "tokenize": {"max_length": max_length, "chat_template": True},
+        "selector": {"strategy": strategy, "large_batch_size": large,
+                     "batch_size": large if strategy == "full" else small, "seed": seed},
+        "service": {"world_size": world, "work_dir": str(work_dir), "prefetch": 2},
+    }
+
+
 def heldout_records(per_source: int, seed: int) -> list[dict]:
     """``per_source`` fresh records of every task, from a seed the training shards do not use."""
     records: dict[str, list[dict]] = {name: [] for name in TASKS}
@@ -96,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every strategy and write ``report.md`` and ``report.png`` under ``cfg.out``; returns the .md."""
     from colm_server.demo.base import pretrain_base
     from colm_server.demo.report import markdown, plot
-    from colm_server.demo.runs import job_config, run_strategy
+    from colm_server.jobs import final_adapter, run_job
 
     if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the runs
         raise RuntimeError("the demo's plot needs matplotlib: pip install 'colm-stream[demo]'")
@@ -117,15 +131,14 @@ def run_demo(cfg: DemoConfig) -> Path:
         job = job_config(base=base, manifest=shards / "manifest.json", work_dir=run_dir / "work",
                          strategy=name, large=cfg.large, small=cfg.small, world=cfg.world, lora=cfg.lora,
                          max_length=cfg.max_length, seed=cfg.seed)
-        runs.append(run_strategy(name, job, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                                 push_every=cfg.push_every, lora=cfg.lora, run_dir=run_dir))
+        runs.append(run_job(name, job, steps=cfg.steps, run_dir=run_dir, lr=cfg.lr, warmup=cfg.warmup,
+                            push_every=cfg.push_every, seed=cfg.seed))
 
     heldout = heldout_records(cfg.heldout_per_source, cfg.seed)
     collator = Collator(load_tokenizer(str(base)), max_length=cfg.max_length, chat_template=True)
     losses: dict[str, SourceLosses] = {"base": source_losses(load_model(str(base)), collator, heldout)}
     for r in runs:
-        adapter = r.output_dir / f"checkpoint-{cfg.steps - 1}" / "adapter"
-        model = attach_lora(load_model(str(base)), adapter=adapter)
+        model = attach_lora(load_model(str(base)), adapter=final_adapter(r, cfg.steps))
         losses[r.name] = source_losses(model, collator, heldout)
 
     small = sorted(s for s, n in manifest["sources"].items() if n / manifest["total"] < 0.03)

@@ -1,4 +1,9 @@
-"""One demo run: a real selector process, torchrun trainer ranks pulling from it, then the numbers."""
+"""Run one training job end to end as real processes and collect what it measured.
+
+A ``colm-selector`` process serves the job; ``colm-train`` (one process, or torchrun ranks) pulls
+its coresets and trains. The result gathers the selector's counters and costs from its Status and
+each rank's summary and ledger. The demo and the benchmarks run their comparisons through this.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from tqdm import tqdm
@@ -23,47 +27,54 @@ class RunResult:
     """What one strategy's run produced: counters from the selector, summaries from the trainers."""
 
     name: str
-    output_dir: Path
+    output_dir: Path           # the trainers' checkpoints, ledgers and summaries
     selected_steps: int  # may run past the trained steps by the prefetch
     source_seen: dict[str, int]
     source_selected: dict[str, int]
     selection_seconds: float
     selections: int
     selector_peak_rss: int
-    trainer_peak_rss: int
-    wall_seconds: float
+    selector_peak_device: int  # CUDA bytes; 0 on CPU
+    trainer_peak_rss: int      # the largest of the ranks
+    trainer_peak_device: int
+    trainer_seconds: float     # the slowest rank's time in its training loop (model load excluded)
+    wall_seconds: float        # the whole job: selector start to trainers' exit
     samples_per_rank_step: float
     train_loss: list[float] = field(default_factory=list)  # mean over ranks, per step
     weight_share: dict[str, float] = field(default_factory=dict)  # of the total training weight
 
 
-def job_config(*, base: Path, manifest: Path, work_dir: Path, strategy: str, large: int, small: int,
-               world: int, lora: dict[str, Any], max_length: int, seed: int) -> dict:
-    """The selector's YAML document for one run."""
-    return {
-        "model": {"source": str(base), "lora_r": lora["r"], "lora_alpha": lora["alpha"],
-                  "lora_targets": lora["targets"]},
-        "data": {"urls": str(manifest), "seed": seed, "buffer": 1000},
-        "tokenize": {"max_length": max_length, "chat_template": True},
-        "selector": {"strategy": strategy, "large_batch_size": large,
-                     "batch_size": large if strategy == "full" else small, "seed": seed},
-        "service": {"world_size": world, "work_dir": str(work_dir), "prefetch": 2},
-    }
+def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: int = 0,
+                 push_every: int = 0, seed: int = 0, precision: str = "fp32") -> list[str]:
+    """``colm-train`` arguments that agree with ``job`` (model and LoRA); the selector comes later."""
+    model = job["model"]
+    args = ["--model", str(model["source"]), "--lora-r", str(model.get("lora_r", 8)),
+            "--lora-alpha", str(model.get("lora_alpha", 16))]
+    if model.get("lora_targets"):
+        args += ["--lora-targets", *model["lora_targets"]]
+    return args + ["--steps", str(steps), "--lr", str(lr), "--warmup-steps", str(warmup),
+                   "--output-dir", str(output_dir), "--save-every", "0", "--push-every", str(push_every),
+                   "--log-every", str(max(steps // 5, 1)), "--seed", str(seed), "--precision", precision]
 
 
-def run_strategy(name: str, job: dict, *, steps: int, lr: float, warmup: int, push_every: int,
-                 lora: dict[str, Any], run_dir: Path) -> RunResult:
-    """Serve ``job`` from a selector process and train ``steps`` steps with its world of ranks."""
+def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmup: int = 0,
+            push_every: int = 0, seed: int = 0, precision: str = "fp32",
+            threads: int | None = 1) -> RunResult:
+    """Serve ``job`` (a selector config document) from a selector process and train ``steps`` steps.
+
+    The trainers run as ``job['service']['world_size']`` ranks with checkpoints under
+    ``run_dir/trainer``; ``threads`` sets OMP_NUM_THREADS of every process (None: leave it).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "job.yaml"
     config_path.write_text(yaml.safe_dump(job, sort_keys=False))
     world = job["service"]["world_size"]
     trainer_dir = run_dir / "trainer"
-    args = ["--model", job["model"]["source"], "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["alpha"]),
-            "--lora-targets", *lora["targets"], "--steps", str(steps), "--lr", str(lr),
-            "--warmup-steps", str(warmup), "--output-dir", str(trainer_dir), "--save-every", "0",
-            "--push-every", str(push_every), "--log-every", str(max(steps // 5, 1))]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = trainer_args(job, steps=steps, output_dir=trainer_dir, lr=lr, warmup=warmup,
+                        push_every=push_every, seed=seed, precision=precision)
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with SelectorProcess(config_path, log_path=run_dir / "selector.log", env=env) as selector, \
             open(run_dir / "trainer.log", "wb") as trainer_log:
@@ -92,7 +103,10 @@ def run_strategy(name: str, job: dict, *, steps: int, lr: float, warmup: int, pu
         source_selected={k: int(v) for k, v in status["source_selected"].items()},
         selection_seconds=float(status["selection_seconds"]), selections=int(status["selections"]),
         selector_peak_rss=int(status["peak_rss_bytes"]),
-        trainer_peak_rss=max(s["peak_rss_bytes"] for s in summaries), wall_seconds=wall,
+        selector_peak_device=int(status["peak_device_bytes"]),
+        trainer_peak_rss=max(s["peak_rss_bytes"] for s in summaries),
+        trainer_peak_device=max(s["peak_device_bytes"] for s in summaries),
+        trainer_seconds=max(s["wall_seconds"] for s in summaries), wall_seconds=wall,
         samples_per_rank_step=sum(s["samples"] for s in summaries) / sum(s["steps"] for s in summaries),
         train_loss=[sum(e["loss"] for e in step) / world for step in zip(*ledgers)],
         weight_share=_weight_share(ledgers),
@@ -107,6 +121,11 @@ def _weight_share(ledgers: list[list[dict]]) -> dict[str, float]:
             per_source[source] = per_source.get(source, 0.0) + weight
     total = sum(per_source.values())
     return {s: w / total for s, w in per_source.items()}
+
+
+def final_adapter(result: RunResult, steps: int) -> Path:
+    """The adapter folder the trainers saved at their last step."""
+    return result.output_dir / f"checkpoint-{steps - 1}" / "adapter"
 
 
 def _follow(trainers: subprocess.Popen, selector: SelectorProcess, steps: int, desc: str) -> None:
