@@ -365,3 +365,26 @@ def test_a_stalled_rank_holds_selection_at_the_prefetch_bound_and_drains(server)
     assert [b.step for b in early] == list(range(prefetch))
     ranks = take_all(server, prefetch + 3)  # rank 1 drains; selection moves on for both
     assert [b.step for b in ranks[1]] == list(range(prefetch + 3))
+
+
+@pytest.mark.parametrize("urls_kind", ["manifest", "pattern"])
+def test_a_manifest_tells_the_selector_its_small_sources_from_the_first_step(tmp_path, urls_kind):
+    from colm_server.data.prepare import write_shards as prepare_shards
+
+    # 200 records, 2 of them "tiny" (1% of the data) and both in the first large batch of
+    # W*L = 16: the stream alone shows tiny at 12.5% there, above small_source_share = 10%.
+    records = make_records({"big": 198}, seed=1)
+    tiny = [{**r, "id": f"tiny-{i}", "source": "tiny"} for i, r in enumerate(make_records({"x": 2}))]
+    manifest = prepare_shards(tiny + records, tmp_path / "shards")
+    urls = str(tmp_path / "shards" / "manifest.json") if urls_kind == "manifest" else manifest["urls"]
+    srv = SelectorServer(make_config(tmp_path, **{"data.urls": urls, "data.buffer": 0,
+                                                  "data.shuffle_shards": False}))
+    srv.start()
+    try:
+        first = [batches[0] for batches in take_all(srv, 1)]
+    finally:
+        srv.stop(grace=1)
+    kept = sum(s == "tiny" for batch in first for s in batch.sources)
+    # From the manifest's counts the selector knows tiny is small: both samples are kept.
+    # From the stream alone it is not yet, and gets its proportional 2/16 of 8: one sample.
+    assert kept == (2 if urls_kind == "manifest" else 1)

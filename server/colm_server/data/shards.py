@@ -83,6 +83,21 @@ def expand_urls(urls: str | list[str]) -> list[str]:
                                           else braceexpand.braceexpand(p))]
 
 
+def manifest_sources(urls: str | list[str]) -> dict[str, int] | None:
+    """Records per source over the manifests ``urls`` names; None unless every pattern is one."""
+    patterns = [urls] if isinstance(urls, str) else urls
+    if not patterns or not all(p.endswith(MANIFEST) for p in patterns):
+        return None
+    total: dict[str, int] = {}
+    for path in patterns:
+        sources = json.loads(Path(path).read_text()).get("sources")
+        if not isinstance(sources, dict):
+            return None
+        for source, n in sources.items():
+            total[str(source)] = total.get(str(source), 0) + int(n)
+    return total
+
+
 def _manifest_shards(path: str) -> list[str]:
     """The shards a ``colm-data`` manifest lists, as paths beside it."""
     try:

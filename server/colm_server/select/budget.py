@@ -23,6 +23,12 @@ class SourceTracker:
         self.counts.update(sources)
         self.total += len(sources)
 
+    def observe_counts(self, counts: Mapping[str, int]) -> None:
+        """Count ``counts[s]`` more samples of each source ``s`` at once (e.g. a dataset's sizes)."""
+        _check_counts(counts)
+        self.counts.update(counts)
+        self.total += sum(counts.values())
+
     def share(self, source: str) -> float:
         """Fraction of the samples seen so far that came from ``source`` (0 before any)."""
         return self.counts[source] / self.total if self.total else 0.0

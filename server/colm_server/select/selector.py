@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,11 @@ class Selector:
         self.scorer = Scorer(model, config) if model is not None else None
         self.tracker = SourceTracker()
         self.normalizer = AdamNormalizer(beta1=config.beta1, beta2=config.beta2)
+
+    def prime_sources(self, counts: Mapping[str, int]) -> None:
+        """Start the running source shares from known dataset sizes, so small sources are
+        recognised from the first step instead of after the stream has shown them."""
+        self.tracker.observe_counts(counts)
 
     def select(self, batch: Batch, step: int) -> Selection:
         """Choose ``min(b, len(batch))`` samples of `batch` (all of them for ``full``)."""

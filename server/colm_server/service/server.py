@@ -20,7 +20,7 @@ from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.sync import adapter_state
 from colm_server.config import Config, fingerprint
 from colm_server.data.collate import Collator
-from colm_server.data.shards import ShardStream
+from colm_server.data.shards import ShardStream, manifest_sources
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import build_selector
 from colm_server.service.job import Job
@@ -64,8 +64,12 @@ def build_job(config: Config) -> tuple[Job, Collator]:
     w = sc.world_size
     sel_cfg = replace(config.selector, batch_size=config.selector.batch_size * w,
                       large_batch_size=config.selector.large_batch_size * w)
+    selector = build_selector(model, sel_cfg)
+    sizes = manifest_sources(config.data.urls)
+    if sizes:  # a restarted job then restores its own journaled counts over these
+        selector.prime_sources(sizes)
     job = Job(
-        selector=build_selector(model, sel_cfg), collator=collator,
+        selector=selector, collator=collator,
         stream=ShardStream(config.data), journal=Journal(work, retention=sc.journal_retention),
         world_size=w, per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
         max_inflight=sc.max_inflight, adapter=adapter, on_adapter=persist,
