@@ -29,6 +29,13 @@ def make_records(counts: dict[str, int], seed: int = 0) -> list[dict]:
     return records
 
 
+@pytest.fixture(autouse=True)
+def no_selector_credentials_from_the_environment(monkeypatch):
+    """Tests give tokens and CAs explicitly; the shell's COLM_AUTH_TOKEN_FILE / COLM_TLS_CA stay out."""
+    for name in ("COLM_AUTH_TOKEN_FILE", "COLM_TLS_CA"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

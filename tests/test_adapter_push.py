@@ -131,3 +131,17 @@ def test_a_bfloat16_push_is_accepted_and_converted(tight):
         live = tight.job.adapter[name]
         assert live.dtype == torch.float32  # the selector's own dtype is kept
         assert torch.equal(live, value.float()), name  # bfloat16 -> float32 is exact
+
+
+def test_a_push_while_the_selector_is_down_is_skipped_not_fatal(caplog):
+    from colm_server.launch import free_port
+
+    sync = AdapterSync(f"127.0.0.1:{free_port()}", trainer(), every=2, rank=0, timeout=5)
+    try:
+        assert sync.maybe_push(step=0) is None  # not a push step
+        assert sync.maybe_push(step=1) is None  # a push step; nobody listens: skipped, warned
+        assert "adapter push of step 1 skipped: selector unavailable" in caplog.text
+        with pytest.raises(grpc.RpcError):  # an explicit push still says what happened
+            sync.push(step=1)
+    finally:
+        sync.close()

@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from colm_client.channel import TLS_CA_ENV, TOKEN_FILE_ENV, open_channel, read_token
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 
 
-def status(target: str, job_id: str = "", timeout: float = 10.0) -> dict:
-    """The selector's status as a plain dict (steps, versions, ranks, per-source counters)."""
-    with grpc.insecure_channel(target) as channel:
+def status(target: str, job_id: str = "", timeout: float = 10.0, *, token: str | None = None,
+           tls_ca: str | os.PathLike | bytes | None = None) -> dict:
+    """The selector's status as a plain dict (steps, versions, ranks, per-source counters).
+
+    ``token`` and ``tls_ca`` default to the environment, as in `colm_client.channel.open_channel`.
+    """
+    with open_channel(target, token=token, tls_ca=tls_ca) as channel:
         reply = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest(job_id=job_id), timeout=timeout)
     return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def serving(target: str, timeout: float = 5.0) -> bool:
-    """True when the selector's standard health service reports SERVING within ``timeout``."""
+def serving(target: str, timeout: float = 5.0, *, token: str | None = None,
+            tls_ca: str | os.PathLike | bytes | None = None) -> bool:
+    """True when the selector's standard health service reports SERVING within ``timeout``.
+
+    Health checks need no token; ``tls_ca`` is needed when the selector serves TLS.
+    """
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, token=token, tls_ca=tls_ca) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
         except grpc.RpcError:
@@ -65,7 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job-id", default="")
     p.add_argument("--health", action="store_true",
                    help="print nothing; exit 0 when the selector is SERVING, 1 otherwise (health checks)")
+    p.add_argument("--token-file", metavar="PATH",
+                   help=f"file holding the selector's shared token (default: ${TOKEN_FILE_ENV})")
+    p.add_argument("--tls-ca", metavar="PATH",
+                   help=f"CA certificate (PEM) to reach a TLS selector with (default: ${TLS_CA_ENV})")
     args = p.parse_args(argv)
-    if args.health:
-        raise SystemExit(0 if serving(args.target) else 1)
-    print(format_status(status(args.target, args.job_id)))
+    try:
+        token = read_token(args.token_file) if args.token_file else None
+        if args.health:
+            raise SystemExit(0 if serving(args.target, token=token, tls_ca=args.tls_ca) else 1)
+        reply = status(args.target, args.job_id, token=token, tls_ca=args.tls_ca)
+    except ValueError as e:
+        p.error(str(e))
+    except grpc.RpcError as err:
+        p.exit(1, f"colm-status: {args.target}: {err.code().name}: {err.details()}\n")
+    print(format_status(reply))

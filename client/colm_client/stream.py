@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from colm_client.channel import TOKEN_FILE_ENV, open_channel, resolve_tls_ca, resolve_token
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.tensors import from_proto
 
 logger = logging.getLogger(__name__)
 
+# Only an unavailable selector is waited for; any other code, UNAUTHENTICATED included (a wrong or
+# missing token does not fix itself), ends the stream with CoresetStreamError.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
@@ -60,14 +63,18 @@ class CoresetStream:
 
     When the selector is unavailable (restarting, shutting down) it reconnects with
     exponential backoff and resumes at the next step it has not yielded; other errors are
-    raised as `CoresetStreamError`. Rank and world size default to torchrun's environment.
+    raised as `CoresetStreamError`. Rank and world size default to torchrun's environment;
+    `token` and `tls_ca` default to ``$COLM_AUTH_TOKEN_FILE`` and ``$COLM_TLS_CA`` (see `open_channel`).
     """
 
     def __init__(self, target: str, job_id: str = "default", rank: int | None = None,
                  world_size: int | None = None, start_step: int = 0, payload: bool = True,
                  config_fingerprint: str = "", reconnect_timeout: float = 300.0,
-                 max_message_mb: int = 64):
+                 max_message_mb: int = 64, *, token: str | None = None,
+                 tls_ca: str | os.PathLike | bytes | None = None):
         self.target, self.job_id = target, job_id
+        # Resolved once: every reconnect uses the same credentials, and a bad file fails here.
+        self._token, self._tls_ca = resolve_token(token), resolve_tls_ca(tls_ca)
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         self.next_step = start_step
@@ -83,7 +90,8 @@ class CoresetStream:
             yield request
 
     def _open(self, deadline: float) -> Iterator[pb.CoresetBatch]:
-        self._channel = grpc.insecure_channel(self.target, options=self._options)
+        self._channel = open_channel(self.target, token=self._token, tls_ca=self._tls_ca,
+                                     options=self._options)
         try:  # wait for the selector, but not past the reconnect deadline
             grpc.channel_ready_future(self._channel).result(timeout=max(deadline - time.monotonic(), 0))
         except grpc.FutureTimeoutError:
@@ -139,6 +147,9 @@ class CoresetStream:
                     return
                 except grpc.RpcError as err:
                     code = err.code()
+                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                        raise CoresetStreamError(code, f"{err.details()}: give the selector's token with "
+                                                       f"token= or ${TOKEN_FILE_ENV}") from None
                     if code not in RETRYABLE:
                         raise CoresetStreamError(code, err.details()) from None
                     deadline = deadline or time.monotonic() + self.reconnect_timeout

@@ -11,6 +11,7 @@ import grpc
 import torch
 from torch import nn
 
+from colm_client.channel import open_channel
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.tensors import NAMES, tensor_bytes
@@ -52,25 +53,40 @@ def adapter_chunks(state: dict[str, torch.Tensor], job_id: str, trainer_step: in
 
 
 class AdapterSync:
-    """Every `every` steps, rank `push_rank` pushes its adapter; the others do nothing."""
+    """Every `every` steps, rank `push_rank` pushes its adapter; the others do nothing.
+
+    `token` and `tls_ca` default to ``$COLM_AUTH_TOKEN_FILE`` and ``$COLM_TLS_CA`` (see `open_channel`).
+    """
 
     def __init__(self, target: str, model: nn.Module, every: int, job_id: str = "default",
-                 rank: int | None = None, push_rank: int = 0, timeout: float = 120.0):
+                 rank: int | None = None, push_rank: int = 0, timeout: float = 120.0, *,
+                 token: str | None = None, tls_ca: str | os.PathLike | bytes | None = None):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.model, self.every, self.job_id, self.timeout = model, every, job_id, timeout
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.push_rank = push_rank
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = open_channel(target, token=token, tls_ca=tls_ca, options=[
             ("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.SelectorStub(self._channel)
         self.version: int | None = None
 
     def maybe_push(self, step: int) -> int | None:
-        """Push after step `step` when it is a multiple of `every`; the new param version."""
+        """Push after step `step` when it is a multiple of `every`; the new param version.
+
+        A selector that is down or restarting does not stop training: the push is skipped
+        with a warning (None) and the next one carries newer weights. A refused push raises.
+        """
         if self.rank != self.push_rank or (step + 1) % self.every:
             return None
-        return self.push(step)
+        try:
+            return self.push(step)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            logger.warning("adapter push of step %d skipped: selector %s (%s)", step,
+                           err.code().name.lower(), err.details())
+            return None
 
     def push(self, step: int) -> int:
         state = {k: v.detach() for k, v in adapter_state(self.model).items()}

@@ -31,6 +31,7 @@ def selector_main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        config.validate_for_serving()  # missing shards, token or TLS files: a usage error, not a traceback
     except ValueError as exc:
         parser.error(str(exc))
     from colm_server.service.server import serve

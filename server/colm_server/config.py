@@ -103,12 +103,20 @@ class ServiceConfig:
     max_adapter_mb: int = _field(1024, "largest adapter push, in MiB")
     work_dir: str = _field("./colm-work", "journal, cursor and normalisation state live here")
     journal_retention: int = _field(1000, "journaled steps kept for trainer restarts; older ones are pruned")
+    auth_token_file: str = _field(
+        "", "file holding the shared token every RPC but health checks must carry; '' = no token")
+    tls_cert: str = _field("", "PEM certificate (chain) to serve TLS with, set with tls_key; '' = plaintext")
+    tls_key: str = _field("", "PEM private key of tls_cert")
+    metrics_port: int | None = _field(
+        None, "serve Prometheus metrics at http://host:port/metrics; 0 = a free port; null = off")
 
     def __post_init__(self) -> None:
         _check_types(self, "service")
         for name in ("job_id", "host", "work_dir"):
             _check(getattr(self, name).strip() != "", f"service.{name}", "must not be empty")
         _check(0 <= self.port <= 65535, "service.port", f"must be in [0, 65535], got {self.port}")
+        _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "service.metrics_port",
+               f"must be null or in [0, 65535], got {self.metrics_port}")
         for name in ("world_size", "prefetch", "max_inflight", "max_message_mb", "max_adapter_mb"):
             _check(getattr(self, name) >= 1, f"service.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.max_message_mb < 2048, "service.max_message_mb",
@@ -116,6 +124,36 @@ class ServiceConfig:
         window = self.prefetch + self.max_inflight  # a reconnecting rank may ask for any step in it
         _check(self.journal_retention >= window, "service.journal_retention",
                f"must be >= prefetch + max_inflight ({window}), got {self.journal_retention}")
+        for name, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+            _check(bool(getattr(self, name)) or not getattr(self, other), f"service.{name}",
+                   f"required when service.{other} is set: TLS needs both the certificate and its key")
+
+    def auth_token(self) -> str | None:
+        """The stripped content of ``auth_token_file``, None when it is not set.
+
+        Read when serving starts, not when the config loads: the file need only exist on the selector.
+        """
+        if not self.auth_token_file:
+            return None
+        token = _read_file("service.auth_token_file", self.auth_token_file).decode(errors="replace").strip()
+        _check(token != "", "service.auth_token_file", f"{self.auth_token_file!r} is empty")
+        _check(token.isascii() and token.isprintable() and " " not in token, "service.auth_token_file",
+               "the token must be one word of printable ASCII (it travels as gRPC metadata)")
+        return token
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """``(private key PEM, certificate PEM)`` of ``tls_key`` and ``tls_cert``; None when TLS is off."""
+        if not self.tls_cert:
+            return None
+        return _read_file("service.tls_key", self.tls_key), _read_file("service.tls_cert", self.tls_cert)
+
+
+def _read_file(key: str, path: str) -> bytes:
+    """The bytes of ``path``; ValueError naming ``key`` when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{key}: cannot read {path!r} ({e.strerror or type(e).__name__})") from None
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": ShardConfig, "tokenize": TokenizeConfig,
@@ -138,9 +176,15 @@ class Config:
                f"must not exceed model.num_layers ({layers}), got {self.selector.sketch_layers}")
 
     def validate_for_serving(self) -> None:
-        """Raise ValueError when something a running selector needs is missing (the shard URLs)."""
+        """Raise ValueError when something a running selector needs is missing or unreadable.
+
+        That is the shard URLs, the token file and the TLS files: checked here rather than at load
+        time, so a config naming files that exist only on the selector's machine loads anywhere.
+        """
         _check(self.data.urls is not None, "data.urls",
                "required: set it under data: in the config file or with --set data.urls=PATTERN")
+        self.service.auth_token()
+        self.service.tls_pair()
 
 
 @cache
@@ -277,6 +321,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def _text(value: Any) -> str:
     if value is None:
         return "null"
+    if value == "":  # visible in the table and in --help
+        return "''"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from colm_client.channel import open_channel
 from colm_client.status import SERVICE_NAME, status
 
 # Fast reconnects: the selector takes seconds to import torch and load its model.
@@ -59,7 +60,7 @@ class SelectorProcess:
         """Block until the health service reports SERVING; RuntimeError (with the log) if it exits first."""
         deadline = time.monotonic() + timeout
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-        with grpc.insecure_channel(self.target, options=_FAST_RECONNECT) as channel:
+        with open_channel(self.target, options=_FAST_RECONNECT) as channel:  # TLS per $COLM_TLS_CA
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -103,11 +104,15 @@ class SelectorProcess:
         self.close()
 
 
-def trainer_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """The command line of ``colm-train ARGS`` as one process, or under torchrun with ``nproc`` ranks."""
+def trainer_command(nproc: int, args: Sequence[str], max_restarts: int = 0) -> list[str]:
+    """The command line of ``colm-train ARGS`` as one process, or under torchrun with ``nproc`` ranks.
+
+    ``max_restarts``: how often torchrun restarts all ranks after one fails (they then resume
+    from the latest checkpoint).
+    """
     if nproc < 1:
         raise ValueError(f"nproc: must be >= 1, got {nproc}")
-    if nproc == 1:
+    if nproc == 1 and max_restarts == 0:
         return [sys.executable, "-m", "colm_server.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "colm_server.train", *args]
+            "--max-restarts", str(max_restarts), "-m", "colm_server.train", *args]

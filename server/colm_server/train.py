@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client import AdapterSync, CoresetStream, weighted_loss
+from colm_client.channel import read_token
 from colm_server.model.load import attach_lora, load_model
 from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 
@@ -43,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: attention)")
     p.add_argument("--selector", required=True, help="host:port of the selector service")
     p.add_argument("--job-id", default="default", help="the selector's job id")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the selector's shared token (default: $COLM_AUTH_TOKEN_FILE)")
+    p.add_argument("--tls-ca", default=None,
+                   help="CA certificate (PEM) of a TLS selector (default: $COLM_TLS_CA)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -134,10 +140,13 @@ def train(args: argparse.Namespace) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" \
         else nullcontext()
 
-    stream = CoresetStream(args.selector, args.job_id, rank, world, start_step=start)
-    sync = AdapterSync(args.selector, peft_model, args.push_every, args.job_id, rank) \
-        if args.push_every > 0 else None
+    token = read_token(args.token_file) if args.token_file else None  # None: from the environment
+    stream = CoresetStream(args.selector, args.job_id, rank, world, start_step=start, token=token,
+                           tls_ca=args.tls_ca)
+    sync = AdapterSync(args.selector, peft_model, args.push_every, args.job_id, rank, token=token,
+                       tls_ca=args.tls_ca) if args.push_every > 0 else None
     ledger = open(out / f"ledger-rank{rank}.jsonl", "a")
+    run_id = uuid.uuid4().hex[:12]  # tells this process's entries from a crashed predecessor's
     step, loss_value, tokens, t0 = start - 1, float("nan"), 0, time.perf_counter()
     started, trained, samples, all_tokens = t0, 0, 0, 0
     try:
@@ -159,7 +168,8 @@ def train(args: argparse.Namespace) -> dict:
             step_tokens = int(batch.attention_mask.sum())
             tokens, all_tokens = tokens + step_tokens, all_tokens + step_tokens
             trained, samples = trained + 1, samples + len(batch.ids)
-            ledger.write(json.dumps({"step": step, "ids": batch.ids, "sources": batch.sources,
+            ledger.write(json.dumps({"step": step, "start": start, "run": run_id, "ids": batch.ids,
+                                     "sources": batch.sources,
                                      "weights": batch.weights.tolist(), "loss": loss_value}) + "\n")
             ledger.flush()
             if rank == 0 and (step + 1) % args.log_every == 0:

@@ -19,7 +19,7 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream
-from colm_server.select import Selector
+from colm_server.select import Selection, Selector
 from colm_server.service.batches import RankBatch, deal, pack_rows
 from colm_server.service.journal import Journal
 
@@ -67,14 +67,17 @@ class Job:
         max_inflight: int,
         adapter: dict[str, torch.Tensor] | None = None,
         on_adapter: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+        on_selected: Callable[[Selection, float], None] | None = None,
     ):
         self.selector, self.collator, self.stream, self.journal = selector, collator, stream, journal
         self.world_size, self.per_rank_large = world_size, per_rank_large
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.adapter = adapter or {}  # name -> live parameter tensor the selector scores with
         self.on_adapter = on_adapter  # persists an applied adapter (work dir)
+        self.on_selected = on_selected  # sees each journaled selection and its seconds (metrics)
         self.ranks = [RankState() for _ in range(world_size)]
         self.param_version = 0
+        self.param_step = 0  # next_step when the current adapter was swapped in
         self.next_step = 0  # next step to select
         self.source_seen: dict[str, int] = {}  # samples drawn per source, committed steps only
         self.source_selected: dict[str, int] = {}
@@ -157,12 +160,15 @@ class Job:
             self.selections += 1
             self.selection_seconds += elapsed
             self._cond.notify_all()
+        if self.on_selected is not None:
+            self.on_selected(sel, elapsed)
 
     def snapshot(self) -> dict:
         """Progress and counters as of the last committed step."""
         with self._cond:
             return {
                 "selected_steps": self.next_step, "param_version": self.param_version,
+                "param_step": self.param_step,
                 "source_seen": dict(self.source_seen), "source_selected": dict(self.source_selected),
                 "truncated": self.truncated,
                 "selections": self.selections, "selection_seconds": self.selection_seconds,
@@ -191,6 +197,7 @@ class Job:
         self.source_seen = dict(state["source_seen"])
         self.source_selected = dict(state["source_selected"])
         self.truncated = state["truncated"]
+        self.param_step = self.next_step  # not journaled: staleness counts from the restart
         for r in self.ranks:  # ranks rejoin with their own start_step
             r.acked = self.next_step - 1 - self.prefetch
         logger.info("resumed at step %d, param version %d", self.next_step, self.param_version)
@@ -219,6 +226,7 @@ class Job:
             for name, value in pending.tensors.items():
                 self.adapter[name].copy_(value.to(self.adapter[name]))
         self.param_version += 1
+        self.param_step = self.next_step
         pending.version = self.param_version
         if self.on_adapter is not None:
             self.on_adapter(pending.tensors, self.param_version)

@@ -14,6 +14,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
@@ -23,8 +24,10 @@ from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import build_selector
+from colm_server.service.auth import TokenInterceptor
 from colm_server.service.job import Job
 from colm_server.service.journal import Journal
+from colm_server.service.metrics import SelectorMetrics
 from colm_server.service.servicer import SelectorServicer
 
 logger = logging.getLogger(__name__)
@@ -85,8 +88,10 @@ class SelectorServer:
         self.job, collator = build_job(config)
         sc = config.service
         limit = sc.max_message_mb << 20
+        token = sc.auth_token()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2 * sc.world_size + 8),
+            interceptors=[TokenInterceptor(token)] if token else None,
             options=[("grpc.max_send_message_length", limit),
                      ("grpc.max_receive_message_length", limit)],
         )
@@ -98,18 +103,35 @@ class SelectorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{sc.host}:{sc.port}")
+        address, tls = f"{sc.host}:{sc.port}", sc.tls_pair()
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
         if self.port == 0:
             raise RuntimeError(f"cannot bind {sc.host}:{sc.port}")
         self._stopped = threading.Event()
+        self.metrics = SelectorMetrics(self.job) if sc.metrics_port is not None else None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        if self.metrics is not None:
+            self.job.on_selected = self.metrics.observe
 
     def start(self) -> int:
+        if self.metrics is not None:
+            sc = self.config.service
+            self._metrics_http, _ = start_http_server(sc.metrics_port, addr=sc.host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+            logger.info("metrics on http://%s:%d/metrics", sc.host, self.metrics_port)
         self.job.start()
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("selector for job %r serving on %s:%d", self.config.service.job_id,
-                    self.config.service.host, self.port)
+        sc = self.config.service
+        logger.info("selector for job %r serving on %s:%d (%s, %s)", sc.job_id, sc.host, self.port,
+                    "TLS" if sc.tls_cert else "plaintext",
+                    "token required" if sc.auth_token_file else "no token")
         return self.port
 
     def stop(self, grace: float = 5.0) -> None:
@@ -120,6 +142,9 @@ class SelectorServer:
         self.health.enter_graceful_shutdown()
         self.job.stop(timeout=grace * 10)
         self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
 
 def serve(config: Config) -> None:
