@@ -140,7 +140,7 @@ def parse_record(data: bytes, config: ShardConfig) -> dict[str, str]:
         raise BadRecord("bad_utf8") from None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting overflows the parser: bad JSON, not a crash
         raise BadRecord("bad_json") from None
     if not isinstance(obj, dict):
         raise BadRecord("bad_json")
