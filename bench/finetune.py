@@ -30,6 +30,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -160,6 +161,13 @@ def evaluate(adapter: Path | None, collator: Collator, loss_rows: list[dict], em
     return losses, em
 
 
+def micro_average(per_source: dict[str, float], heldout: list[dict]) -> float:
+    """The mean loss over all held-out records, from per-source means weighted by source size
+    (a stratified estimate when the loss was taken on a per-source subset)."""
+    sizes = Counter(r["source"] for r in heldout)
+    return sum(per_source[s] * n for s, n in sizes.items()) / sum(sizes.values())
+
+
 def small_kept(job: RunResult, small: list[str]) -> float | None:
     """Share of the small sources' drawn samples that reached the trainers (1.0: all kept)."""
     seen = sum(job.source_seen.get(s, 0) for s in small)
@@ -190,8 +198,10 @@ def report(outcomes: list[Outcome], args, preset: Preset, manifest: dict, small:
         f"Data: {manifest['total']} training records from {len(sources)} sources (largest "
         f"{max(manifest['sources'].values()) / min(manifest['sources'].values()):.1f}x the smallest); "
         f"small sources (< 3% of the stream): {', '.join(small) or 'none'}. Held-out loss on "
-        f"{'all' if not preset.loss_per_source else preset.loss_per_source} records per source, exact match "
-        f"on {preset.em_per_source} prompts per source ({preset.max_new_tokens} new tokens, greedy).", "",
+        f"{'all' if not preset.loss_per_source else preset.loss_per_source} records per source (macro: "
+        "sources equally; micro: records equally, i.e. per-source means weighted by the held-out "
+        f"split's source sizes), exact match on {preset.em_per_source} prompts per source "
+        f"({preset.max_new_tokens} new tokens, greedy).", "",
         "| run | macro loss | micro loss | exact match | trainer s | selector ms/step | trainer peak "
         "| selector peak | small sources kept |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                              precision=preset.precision, threads=args.threads)
             losses, em = evaluate(final_adapter(result, preset.steps), collator, loss_rows, em_rows, preset,
                                   device)
-            outcomes.append(Outcome(run, seed, losses.per_source, losses.macro, losses.micro,
+            outcomes.append(Outcome(run, seed, losses.per_source, losses.macro,
+                                    micro_average(losses.per_source, heldout),
                                     sum(em.values()) / len(em), em, result,
                                     small_kept(result, small) if RUNS[run]["strategy"] != "full" else None))
             print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {losses.micro:.3f}, "
@@ -298,12 +309,14 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"finetune-{args.preset}" + ("" if args.mixture == "natural" else f"-{args.mixture}")
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(outcomes, args, preset, manifest, small, command, time.perf_counter() - started)
+    base_micro = micro_average(base_losses.per_source, heldout)
     text += (f"\nBase model before fine-tuning: macro loss {base_losses.macro:.3f}, "
-             f"micro {base_losses.micro:.3f}, exact match {sum(base_em.values()) / len(base_em):.3f}.\n")
+             f"micro {base_micro:.3f}, exact match {sum(base_em.values()) / len(base_em):.3f}.\n")
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps({
         "command": command, "preset": asdict(preset), "mixture": args.mixture, "small_sources": small,
-        "base": {"loss": base_losses.per_source, "macro": base_losses.macro, "micro": base_losses.micro,
+        "manifest": {"total": manifest["total"], "sources": manifest["sources"]},
+        "base": {"loss": base_losses.per_source, "macro": base_losses.macro, "micro": base_micro,
                  "exact_match": base_em},
         "outcomes": [{**{k: v for k, v in asdict(o).items() if k != "job"},
                       "job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.job).items()}}
