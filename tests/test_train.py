@@ -87,3 +87,12 @@ def test_two_ranks_under_torchrun_train_disjoint_coresets(tmp_path):
     for a, b in zip(*ranks):
         assert not set(a["ids"]) & set(b["ids"]) and math.isfinite(a["loss"] + b["loss"])
     assert latest_checkpoint(out).name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("extra", [["--rank", "1"], ["--world-size", "2"],
+                                   ["--rank", "2", "--world-size", "2"]])
+def test_rank_and_world_size_go_together_and_agree(extra):
+    base = ["--model", "tiny:llama", "--selector", "127.0.0.1:1", "--steps", "1", "--output-dir", "x"]
+    with pytest.raises(SystemExit):
+        parse_args(base + extra)
+    assert parse_args(base + ["--rank", "1", "--world-size", "2"]).rank == 1

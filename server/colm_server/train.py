@@ -61,20 +61,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--push-every", type=int, default=0, help="push the adapter every N steps (0: never)")
     p.add_argument("--log-every", type=int, default=10, help="log every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
-    return p.parse_args(argv)
+    p.add_argument("--rank", type=int, help="pull this rank's coresets as an independent process (no "
+                   "process group; it keeps its own adapter and checkpoints); default: torchrun's")
+    p.add_argument("--world-size", type=int, help="the job's ranks, with --rank")
+    args = p.parse_args(argv)
+    if (args.rank is None) != (args.world_size is None):
+        p.error("--rank and --world-size go together")
+    if args.rank is not None and not 0 <= args.rank < args.world_size:
+        p.error(f"--rank must be in [0, --world-size), got {args.rank} of {args.world_size}")
+    return args
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; a process group only when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, ddp): from ``--rank/--world-size`` (an independent process, no
+    process group) or from torchrun's environment (a process group when world > 1)."""
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if args.rank is not None:
+        return args.rank, args.world_size, device, False
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
+        return dist.get_rank(), dist.get_world_size(), device, True
+    return 0, 1, device, False
 
 
 def lr_lambda(args: argparse.Namespace):
@@ -113,7 +124,8 @@ def train(args: argparse.Namespace) -> dict:
     ``summary-rank<r>.json`` in the output dir: last step and its loss, steps, samples and tokens
     trained by this process, its wall time and peak memory.
     """
-    rank, world, device = setup_distributed()
+    rank, world, device, ddp = setup_distributed(args)
+    owner = rank == 0 or not ddp  # writes checkpoints (under DDP rank 0 speaks for all)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # same LoRA init on every rank (DDP also broadcasts it)
@@ -125,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
                              targets=args.lora_targets, adapter=ckpt / "adapter" if ckpt else None)
     peft_model.to(device).train()
     model = DDP(peft_model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else peft_model
+        if ddp else peft_model
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
@@ -135,7 +147,7 @@ def train(args: argparse.Namespace) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = json.loads((ckpt / "trainer_state.json").read_text())["step"] + 1
-        if rank == 0:
+        if owner:
             logger.info("resuming from %s at step %d", ckpt, start)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" \
         else nullcontext()
@@ -172,7 +184,7 @@ def train(args: argparse.Namespace) -> dict:
                                      "sources": batch.sources,
                                      "weights": batch.weights.tolist(), "loss": loss_value}) + "\n")
             ledger.flush()
-            if rank == 0 and (step + 1) % args.log_every == 0:
+            if owner and (step + 1) % args.log_every == 0:
                 elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
                 logger.info("step %d | loss %.4f | lr %.2e | %.0f tok/s | param_version %d", step,
                             loss_value, lr, tokens / elapsed, batch.param_version)
@@ -180,14 +192,14 @@ def train(args: argparse.Namespace) -> dict:
             if sync is not None:
                 sync.maybe_push(step)
             last = step + 1 == args.steps
-            if rank == 0 and ((args.save_every and (step + 1) % args.save_every == 0) or last):
+            if owner and ((args.save_every and (step + 1) % args.save_every == 0) or last):
                 save_checkpoint(out, step, peft_model, optimizer, scheduler)
     finally:
         stream.close()
         ledger.close()
         if sync is not None:
             sync.close()
-        if world > 1:
+        if ddp:
             dist.destroy_process_group()
     summary = {"rank": rank, "world_size": world, "first_step": start, "step": step, "loss": loss_value,
                "steps": trained, "samples": samples, "tokens": all_tokens,
