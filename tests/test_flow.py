@@ -342,3 +342,30 @@ def test_a_join_older_than_the_journal_is_refused_out_of_range(tmp_path):
         assert status.journal_first_step == first
     finally:
         srv.stop(grace=1)
+
+
+def test_a_push_superseded_before_the_gap_is_answered_with_the_version_that_replaced_it(make_job):
+    job, selector, _ = make_job(world_size=1, prefetch=2, max_inflight=2)
+    selector.gate[0] = threading.Event()
+    job.connect(0, 0, always)
+    job.start()
+    assert selector.entered.wait(TIMEOUT)  # the producer is inside select(step 0)
+
+    versions: dict[str, int] = {}
+
+    def push(name: str, value: float) -> None:
+        versions[name] = job.push_adapter({"w": torch.full((3,), value)}, trainer_step=0, timeout=TIMEOUT)
+
+    first = threading.Thread(target=push, args=("first", 1.0), daemon=True)
+    first.start()
+    with job._cond:
+        assert job._cond.wait_for(lambda: job._pending is not None, TIMEOUT)
+    second = threading.Thread(target=push, args=("second", 2.0), daemon=True)
+    second.start()
+    with job._cond:  # the second push replaced the first before either was applied
+        assert job._cond.wait_for(lambda: job._pending.tensors["w"][0] == 2.0, TIMEOUT)
+    selector.gate[0].set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert versions == {"first": 1, "second": 1}  # one swap, both callers answered
+    assert torch.equal(job.adapter["w"], torch.full((3,), 2.0))

@@ -49,6 +49,7 @@ class PendingAdapter:
     trainer_step: int
     applied: threading.Event = field(default_factory=threading.Event)
     version: int = 0
+    superseded: list[PendingAdapter] = field(default_factory=list)  # older pushes this one replaced
 
 
 class Job:
@@ -208,7 +209,10 @@ class Job:
         """Queue validated weights; return the version once applied between two selections."""
         pending = PendingAdapter(tensors, trainer_step)
         with self._cond:
-            self._pending = pending  # a newer push supersedes one not yet applied
+            older = self._pending  # a newer push supersedes one not yet applied: its caller
+            if older is not None:  # is answered with the version that replaced it
+                pending.superseded += [older, *older.superseded]
+            self._pending = pending
             self._cond.notify_all()
         if self._thread is None or not self._thread.is_alive():
             with self._cond:
@@ -230,7 +234,9 @@ class Job:
         pending.version = self.param_version
         if self.on_adapter is not None:
             self.on_adapter(pending.tensors, self.param_version)
-        pending.applied.set()
+        for done in (pending, *pending.superseded):
+            done.version = self.param_version
+            done.applied.set()
         logger.info("adapter from trainer step %d applied as version %d",
                     pending.trainer_step, self.param_version)
 
@@ -262,7 +268,8 @@ class Job:
     def ack(self, rank: int, step: int) -> None:
         with self._cond:
             state = self.ranks[rank]
-            state.acked = max(state.acked, step)
+            # A step not handed out yet cannot be consumed: a far-future ack must not lift flow control.
+            state.acked = max(state.acked, min(step, state.next_step - 1))
             self._cond.notify_all()
 
     def next_batch(self, rank: int, connection: int, poll: float = 0.5) -> RankBatch | None:
