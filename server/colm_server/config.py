@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -192,8 +192,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_REPR = reprlib.Repr()  # bounded: a YAML alias bomb must not be spelled out in an error message
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 6
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -217,7 +221,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return origin(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+            # abs() <= max, not isfinite(): an int beyond float range would raise OverflowError there
+            _check(abs(value) <= sys.float_info.max, key, f"must be a finite number, got {_show(value)}")
             return float(value)
     elif hint in (bool, int, str):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
@@ -313,7 +318,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     """The config of a YAML file (None: the defaults) with ``section.key=value`` overrides applied."""
     try:
         doc = None if path is None else yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # also not UTF-8, nested too deep, int too long
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     return _from_values(_collect(doc, str(path)), overrides)
 

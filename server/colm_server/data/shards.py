@@ -22,7 +22,7 @@ from typing import Any
 
 import braceexpand
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,10 @@ class ShardConfig:
         patterns = [self.urls] if isinstance(self.urls, str) else self.urls
         if not isinstance(patterns, list) or not all(isinstance(p, str) and p.strip() for p in patterns):
             raise ValueError(f"urls: must be a non-empty string or a list of them, got {self.urls!r}")
-        shards = expand_urls(self.urls)
+        try:
+            shards = expand_urls(self.urls)
+        except braceexpand.UnbalancedBracesError as exc:  # name the key, as every other refusal does
+            raise ValueError(f"urls: {exc}") from None
         if not shards:
             raise ValueError("urls: expands to no shard")
         if not self.allow_pipe and any(u.lstrip().startswith("pipe:") for u in shards):
@@ -147,7 +150,8 @@ def parse_record(data: bytes, config: ShardConfig) -> dict[str, str]:
     ident = obj.get(config.id_field)
     if isinstance(ident, int) and not isinstance(ident, bool):
         ident = str(ident)
-    prompt, response = obj.get(config.prompt_field) or "", obj.get(config.response_field)
+    prompt, response = obj.get(config.prompt_field), obj.get(config.response_field)
+    prompt = "" if prompt is None else prompt  # only null is no prompt: 0, false or [] are not text
     if not _nonempty(response):  # plain-text record: all of it is trained on
         prompt, response = "", obj.get(config.text_field)
     record = {"id": ident, "source": obj.get(config.source_field), "prompt": prompt, "response": response}
@@ -159,6 +163,26 @@ def parse_record(data: bytes, config: ShardConfig) -> dict[str, str]:
     except UnicodeEncodeError:
         raise BadRecord("bad_utf8") from None
     return record
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """webdataset's (key, extension) of a member; a name without extension is a sample of its own.
+
+    webdataset drops such members without a trace; kept, they are counted as missing_json.
+    """
+    key, extension = base_plus_ext(name)
+    return (name, "") if key is None else (key, extension)
+
+
+def _until_failure(files: Iterator[dict], failures: list[Exception]) -> Iterator[dict]:
+    """The members until reading fails; the failure goes to ``failures`` instead of propagating.
+
+    Ending cleanly lets group_by_keys hand over the complete sample it holds before the failure.
+    """
+    try:
+        yield from files
+    except Exception as exn:  # re-raised by the caller once the samples before it are out
+        failures.append(exn)
 
 
 def _failure_reason(exn: Exception, samples_read: int) -> str:
@@ -290,13 +314,15 @@ class ShardStream:
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
         """Samples of one shard; a read failure skips the rest of the shard and is counted once."""
-        stream, count = None, 0
+        stream, count, failures = None, 0, []
         try:
             stream = wds.gopen(url)
             files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-            for sample in group_by_keys(files):
+            for sample in group_by_keys(_until_failure(files, failures), keys=_sample_key):
                 count += 1
                 yield sample
+            if failures:  # the sample read last before a failure is yielded first, not lost
+                raise failures[0]
             stream.close()  # a pipe: command reports a failed exit status here
         except Exception as exn:  # any failure of one shard must not end the stream
             reason = "read_error" if stream is None else _failure_reason(exn, count)

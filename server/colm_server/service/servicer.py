@@ -56,6 +56,10 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         if first is not None and join.start_step < first:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
                           f"step {join.start_step} is no longer journaled; the oldest is {first}")
+        selected = self.job.next_step  # a rank resumes after a step it received, never beyond
+        if join.start_step > selected:  # waiting for it would let the selector run ahead unbounded
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"step {join.start_step} is not selected yet; {selected} steps are selected")
 
     def Stream(self, request_iterator, context):
         request = next(request_iterator, None)
