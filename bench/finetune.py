@@ -180,18 +180,16 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def report(outcomes: list[Outcome], args, preset: Preset, manifest: dict, small: list[str],
-           command: str, seconds: float) -> str:
+def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
     """The Markdown results: settings, a summary per run, per-source losses, the targets."""
+    manifest, small = data["manifest"], data["small_sources"]
     runs = list(dict.fromkeys(o.run for o in outcomes))
     of = {r: [o for o in outcomes if o.run == r] for r in runs}
     sources = sorted(manifest["sources"], key=lambda s: -manifest["sources"][s])
     lines = [
-        f"# Fine-tuning on coresets: preset `{args.preset}`, mixture `{args.mixture}`", "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
-        f"total {seconds / 60:.0f} min.", "",
+        f"# Fine-tuning on coresets: preset `{data['preset_name']}`, mixture `{data['mixture']}`", "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['machine']}; total {data['seconds'] / 60:.0f} min.", "",
         f"Model: SmolLM2-135M-Instruct (all 30 layers), LoRA r=8, alpha=16 on q, k, v, o; "
         f"b={preset.b}, L={2 * preset.b}, max length {preset.max_length}, {preset.steps} steps, "
         f"lr {preset.lr}, warmup {preset.warmup}, {preset.precision}, seeds {list(preset.seeds)}.",
@@ -218,7 +216,7 @@ def report(outcomes: list[Outcome], args, preset: Preset, manifest: dict, small:
                  f"{statistics.mean(sel):.0f}" if sel else "-", f"{peak_t:.0f} MiB", f"{peak_s:.0f} MiB",
                  f"{min(kept):.0%}" if kept else "-"]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    memory = "CUDA max allocated" if torch.cuda.is_available() else "RSS of the whole process"
+    memory = "RSS of the whole process" if "no GPU" in data["machine"] else "CUDA max allocated"
     lines += ["", f"Peak memory: {memory}. Trainer seconds: the training loop of the slowest rank.", "",
               "## Held-out loss per source", "",
               "| source | share | " + " | ".join(runs) + " |", "|---|---:|" + "---:|" * len(runs)]
@@ -238,12 +236,12 @@ def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
         for other, relation in (("random", "<"), ("stratified", "<"), ("full-b", "<"), ("full-2b", "<=")):
             if other in macro:
                 met = macro[r] < macro[other] if relation == "<" else macro[r] <= macro[other]
-                out.append(f"- {r} macro loss {macro[r]:.3f} {relation} {other} {macro[other]:.3f}: "
+                out.append(f"- {r} macro loss {macro[r]:.4f} {relation} {other} {macro[other]:.4f}: "
                            f"**{'met' if met else 'missed'}**")
     if "full-b" in of and "full-2b" in of:
         ratio = (max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-b"])
                  / max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-2b"]))
-        out.append(f"- trainer peak memory at b / at 2b = {ratio:.2f} (target <= 0.55): "
+        out.append(f"- trainer peak memory at b / at 2b = {ratio:.3f} (target <= 0.55): "
                    f"**{'met' if ratio <= 0.55 else 'missed'}**")
     for r in colm_runs:
         kept = [o.small_sources_kept for o in of[r] if o.small_sources_kept is not None]
@@ -263,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, default=Path("bench-work"), help="shards, journals, checkpoints")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per process (default: torch's)")
+    p.add_argument("--render", type=Path, help="only rewrite the .md and .png from this results .json")
     args = p.parse_args(argv)
+    if args.render:
+        print(write_results(args.out, json.loads(args.render.read_text())))
+        return
     preset = PRESETS[args.preset]
     if args.steps:
         preset = replace(preset, steps=args.steps)
@@ -303,27 +305,40 @@ def main(argv: list[str] | None = None) -> None:
                                     micro_average(losses.per_source, heldout),
                                     sum(em.values()) / len(em), em, result,
                                     small_kept(result, small) if RUNS[run]["strategy"] != "full" else None))
-            print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {losses.micro:.3f}, "
+            print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {outcomes[-1].micro:.3f}, "
                   f"EM {outcomes[-1].exact_match:.3f}")
 
-    stem = f"finetune-{args.preset}" + ("" if args.mixture == "natural" else f"-{args.mixture}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = report(outcomes, args, preset, manifest, small, command, time.perf_counter() - started)
-    base_micro = micro_average(base_losses.per_source, heldout)
-    text += (f"\nBase model before fine-tuning: macro loss {base_losses.macro:.3f}, "
-             f"micro {base_micro:.3f}, exact match {sum(base_em.values()) / len(base_em):.3f}.\n")
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps({
-        "command": command, "preset": asdict(preset), "mixture": args.mixture, "small_sources": small,
+    data = {
+        "command": command, "preset_name": args.preset, "preset": asdict(preset), "mixture": args.mixture,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+        "seconds": time.perf_counter() - started, "small_sources": small,
         "manifest": {"total": manifest["total"], "sources": manifest["sources"]},
-        "base": {"loss": base_losses.per_source, "macro": base_losses.macro, "micro": base_micro,
-                 "exact_match": base_em},
+        "base": {"loss": base_losses.per_source, "macro": base_losses.macro,
+                 "micro": micro_average(base_losses.per_source, heldout),
+                 "exact_match": sum(base_em.values()) / len(base_em)},
         "outcomes": [{**{k: v for k, v in asdict(o).items() if k != "job"},
                       "job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.job).items()}}
                      for o in outcomes],
-    }, indent=2) + "\n")
-    plot(args.out / f"{stem}.png", outcomes, manifest)
-    print(text)
+    }
+    print(write_results(args.out, data))
+
+
+def write_results(out: Path, data: dict) -> str:
+    """``finetune-<preset>[-<mixture>]`` .json, .md and .png under ``out``; returns the Markdown."""
+    preset = Preset(**{**data["preset"], "seeds": tuple(data["preset"]["seeds"])})
+    outcomes = [Outcome(**{**o, "job": RunResult(**{**o["job"], "output_dir": Path(o["job"]["output_dir"])})})
+                for o in data["outcomes"]]
+    base = data["base"]
+    text = report(outcomes, data, preset) + (
+        f"\nBase model before fine-tuning: macro loss {base['macro']:.3f}, micro {base['micro']:.3f}, "
+        f"exact match {base['exact_match']:.3f}.\n")
+    stem = f"finetune-{data['preset_name']}" + ("" if data["mixture"] == "natural" else f"-{data['mixture']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    plot(out / f"{stem}.png", outcomes, data["manifest"])
+    return text
 
 
 def plot(path: Path, outcomes: list[Outcome], manifest: dict) -> None:
