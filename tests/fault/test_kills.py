@@ -178,33 +178,34 @@ def test_random_kills_of_ranks_and_selector_lose_and_repeat_nothing(tmp_path):
 
     journal = Journal(tmp_path / "work", retention=STEPS + 16)
     seen_in_epoch: dict[int, set[str]] = {}
-    retrained, processes = 0, 0
+    retrained = processes = lost = mismatched = selected_twice = 0
     for rank in range(W):
         entries = ranks[rank].entries()
-        survived = lineage(entries)
+        survived = lineage(entries)  # raises on a gap or a step out of order
         retrained += len(entries) - len(survived)
         processes += len({e["run"] for e in entries})
-        assert sorted(survived) == list(range(STEPS)), f"rank {rank}: steps missing or extra"
+        lost += len(set(range(STEPS)) - set(survived))
         for step, entry in survived.items():
             batch = journal.read(step, rank)
-            assert entry["ids"] == batch.ids and entry["weights"] == batch.weights, f"rank {rank} step {step}"
+            mismatched += entry["ids"] != batch.ids or entry["weights"] != batch.weights
             ids = seen_in_epoch.setdefault(batch.epoch, set())
-            assert ids.isdisjoint(batch.ids), f"a sample selected twice in epoch {batch.epoch} (step {step})"
+            selected_twice += len(ids & set(batch.ids))
             ids.update(batch.ids)
-    assert len(done) == RANK_KILLS + SELECTOR_KILLS and len(selectors) == SELECTOR_KILLS + 1
     if LONG:
         RESULTS.write_text(
             "# Fault injection: random SIGKILLs of trainer ranks and the selector\n\n"
             "Command: `COLM_FAULT_LONG=1 .venv/bin/python -m pytest tests/fault/test_kills.py`\n\n"
             f"A 2-rank job (one colm-train process per rank, tiny Llama + LoRA) of {STEPS} steps, "
-            f"b={B} of L={L} "
-            f"per rank, checkpoints every {SAVE_EVERY} steps, adapter push every {PUSH_EVERY}.\n\n"
-            f"| kills of a rank | kills of the selector | steps retrained after a restart | lost steps "
-            f"| steps trained twice in the final lineage | samples selected twice in an epoch | wall time |\n"
-            f"|---:|---:|---:|---:|---:|---:|---:|\n"
-            f"| {RANK_KILLS} | {SELECTOR_KILLS} | {retrained} (both ranks) | 0 | 0 | 0 "
+            f"b={B} of L={L} per rank, checkpoints every {SAVE_EVERY} steps, adapter push every "
+            f"{PUSH_EVERY}.\n\n"
+            "| kills of a rank | kills of the selector | steps retrained after a restart | lost steps "
+            "| steps not on the journaled batch | samples selected twice in an epoch | wall time |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|\n"
+            f"| {sum(k.startswith('rank') for k, _ in done)} | {sum(k == 'selector' for k, _ in done)} "
+            f"| {retrained} (both ranks) | {lost} | {mismatched} | {selected_twice} "
             f"| {seconds / 60:.1f} min |\n\n"
-            f"Kill points (steps logged by the slower rank when it happened): {done}. "
-            "Trainer processes over both "
-            f"ranks: {processes}. Every step of every rank was checked against the journal "
-            "(ids and weights).\n")
+            f"Kill points (steps logged by the slower rank when it happened): {done}. Trainer processes "
+            f"over both ranks: {processes}. A step counts once per rank in the lineage the final weights "
+            "saw (the entries a restart discarded and retrained are the 'retrained' column).\n")
+    assert lost == 0 and mismatched == 0 and selected_twice == 0, (lost, mismatched, selected_twice)
+    assert len(done) == RANK_KILLS + SELECTOR_KILLS and len(selectors) == SELECTOR_KILLS + 1
