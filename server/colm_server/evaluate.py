@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,24 +25,30 @@ class SourceLosses:
     micro: float
 
 
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """``model`` in eval mode (its device yielded), its training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def source_losses(model: nn.Module, collator: Collator, records: Sequence[Mapping[str, Any]],
                   batch_size: int = 64) -> SourceLosses:
     """Evaluate ``model`` on ``records`` in batches; a small source counts as much as a large one in macro."""
     if not records:
         raise ValueError("records: need at least one held-out record")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     per_source: dict[str, list[float]] = defaultdict(list)
-    try:
+    with _evaluating(model) as device:
         for i in range(0, len(records), batch_size):
             batch = collator(records[i:i + batch_size]).to(device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             for source, loss in zip(batch.sources, per_sample_loss(logits, batch.labels).tolist()):
                 per_source[source].append(loss)
-    finally:
-        model.train(was_training)
     means = {s: sum(v) / len(v) for s, v in sorted(per_source.items())}
     everything = [x for v in per_source.values() for x in v]
     return SourceLosses(means, sum(means.values()) / len(means), sum(everything) / len(everything))
@@ -92,11 +99,8 @@ def exact_match(model: nn.Module, collator: Collator, records: Sequence[Mapping[
     scored = [(r, ref) for r, ref in scored if ref is not None]
     if not scored:
         raise ValueError("records: none has a final answer to compare with")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
-    try:
+    with _evaluating(model) as device:
         for i in range(0, len(scored), batch_size):
             chunk = scored[i:i + batch_size]
             prompts = [collator.prompt_ids(str(r.get("prompt") or "")) for r, _ in chunk]
@@ -109,6 +113,4 @@ def exact_match(model: nn.Module, collator: Collator, records: Sequence[Mapping[
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for (record, ref), text in zip(chunk, texts):
                 hits[str(record.get("source") or "unknown")].append(final_answer(text) == ref)
-    finally:
-        model.train(was_training)
     return {s: sum(v) / len(v) for s, v in sorted(hits.items())}
