@@ -56,6 +56,14 @@ RUNS: dict[str, dict] = {
     "colm-zo8": {"strategy": "colm", "sketch": "zo", "zo_probes": 8, "sketch_params": "probe"},
     "colm-exact": {"strategy": "colm", "sketch": "exact"},
 }
+# colm-exact with one part of CoLM taken away (--runs ... --tag ablations); not run by default.
+ABLATIONS: dict[str, dict] = {
+    "colm-exact-no-small-keeping": {**RUNS["colm-exact"], "keep_small": False},
+    "colm-exact-no-normalisation": {**RUNS["colm-exact"], "normalize": False},
+    "colm-exact-no-sparsification": {**RUNS["colm-exact"], "zo_dim": 1 << 30},  # keeps every coordinate
+    "colm-exact-uniform-weights": {**RUNS["colm-exact"], "weighting": "uniform"},
+}
+ALL_RUNS = {**RUNS, **ABLATIONS}
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ def per_source_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 def job_document(run: str, preset: Preset, manifest: Path, work_dir: Path, seed: int) -> dict:
     """The selector config of one run."""
-    settings = dict(RUNS[run])
+    settings = dict(ALL_RUNS[run])
     large = preset.b if settings.pop("large", None) == "b" else 2 * preset.b
     strategy = settings.pop("strategy")
     return {
@@ -255,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--mixture", choices=("natural", "zipf"), default="natural")
-    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    p.add_argument("--runs", nargs="+", choices=ALL_RUNS, default=list(RUNS))
+    p.add_argument("--tag", default="", help="suffix of the result files, e.g. ablations")
     p.add_argument("--steps", type=int, help="override the preset's steps")
     p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -304,12 +313,14 @@ def main(argv: list[str] | None = None) -> None:
             outcomes.append(Outcome(run, seed, losses.per_source, losses.macro,
                                     micro_average(losses.per_source, heldout),
                                     sum(em.values()) / len(em), em, result,
-                                    small_kept(result, small) if RUNS[run]["strategy"] != "full" else None))
+                                    None if RUNS.get(run, {}).get("strategy") == "full"
+                                    else small_kept(result, small)))
             print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {outcomes[-1].micro:.3f}, "
                   f"EM {outcomes[-1].exact_match:.3f}")
 
     data = {
         "command": command, "preset_name": args.preset, "preset": asdict(preset), "mixture": args.mixture,
+        "tag": args.tag,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                    f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
         "seconds": time.perf_counter() - started, "small_sources": small,
@@ -334,6 +345,7 @@ def write_results(out: Path, data: dict) -> str:
         f"\nBase model before fine-tuning: macro loss {base['macro']:.3f}, micro {base['micro']:.3f}, "
         f"exact match {base['exact_match']:.3f}.\n")
     stem = f"finetune-{data['preset_name']}" + ("" if data["mixture"] == "natural" else f"-{data['mixture']}")
+    stem += f"-{data['tag']}" if data.get("tag") else ""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
