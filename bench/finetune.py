@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,7 +105,6 @@ class Outcome:
     exact_match_per_source: dict[str, float]
     job: RunResult
     small_sources_kept: float | None = None  # share of small-source samples that reached training
-    extra: dict = field(default_factory=dict)
 
 
 def read_jsonl(path: Path) -> list[dict]:
