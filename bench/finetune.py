@@ -297,8 +297,19 @@ def main(argv: list[str] | None = None) -> None:
     collator = Collator(load_tokenizer(MODEL), max_length=preset.max_length, chat_template=True)
     print(f"{manifest['total']} training records, {len(loss_rows)} held-out for loss, {len(em_rows)} for EM")
 
-    outcomes: list[Outcome] = []
     base_losses, base_em = evaluate(None, collator, loss_rows, em_rows, preset, device)
+    data = {
+        "command": command, "preset_name": args.preset, "preset": asdict(preset), "mixture": args.mixture,
+        "tag": args.tag,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+        "seconds": 0.0, "small_sources": small,
+        "manifest": {"total": manifest["total"], "sources": manifest["sources"]},
+        "base": {"loss": base_losses.per_source, "macro": base_losses.macro,
+                 "micro": micro_average(base_losses.per_source, heldout),
+                 "exact_match": sum(base_em.values()) / len(base_em)},
+        "outcomes": [],
+    }
     for seed in preset.seeds:
         for run in args.runs:
             run_dir = args.work / f"{args.preset}-{args.mixture}" / f"{run}-seed{seed}"
@@ -309,29 +320,19 @@ def main(argv: list[str] | None = None) -> None:
                              precision=preset.precision, threads=args.threads)
             losses, em = evaluate(final_adapter(result, preset.steps), collator, loss_rows, em_rows, preset,
                                   device)
-            outcomes.append(Outcome(run, seed, losses.per_source, losses.macro,
-                                    micro_average(losses.per_source, heldout),
-                                    sum(em.values()) / len(em), em, result,
-                                    None if RUNS.get(run, {}).get("strategy") == "full"
-                                    else small_kept(result, small)))
-            print(f"{run} seed {seed}: macro {losses.macro:.3f}, micro {outcomes[-1].micro:.3f}, "
-                  f"EM {outcomes[-1].exact_match:.3f}")
-
-    data = {
-        "command": command, "preset_name": args.preset, "preset": asdict(preset), "mixture": args.mixture,
-        "tag": args.tag,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-        "seconds": time.perf_counter() - started, "small_sources": small,
-        "manifest": {"total": manifest["total"], "sources": manifest["sources"]},
-        "base": {"loss": base_losses.per_source, "macro": base_losses.macro,
-                 "micro": micro_average(base_losses.per_source, heldout),
-                 "exact_match": sum(base_em.values()) / len(base_em)},
-        "outcomes": [{**{k: v for k, v in asdict(o).items() if k != "job"},
-                      "job": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.job).items()}}
-                     for o in outcomes],
-    }
-    print(write_results(args.out, data))
+            full = RUNS.get(run, {}).get("strategy") == "full"
+            outcome = Outcome(run, seed, losses.per_source, losses.macro,
+                              micro_average(losses.per_source, heldout), sum(em.values()) / len(em), em,
+                              result, None if full else small_kept(result, small))
+            print(f"{run} seed {seed}: macro {outcome.macro:.3f}, micro {outcome.micro:.3f}, "
+                  f"EM {outcome.exact_match:.3f}")
+            # Written after every run, so an interrupted benchmark keeps what it measured.
+            data["outcomes"].append({**{k: v for k, v in asdict(outcome).items() if k != "job"},
+                                     "job": {k: str(v) if isinstance(v, Path) else v
+                                             for k, v in asdict(outcome.job).items()}})
+            data["seconds"] = time.perf_counter() - started
+            text = write_results(args.out, data)
+    print(text)
 
 
 def write_results(out: Path, data: dict) -> str:

@@ -48,6 +48,7 @@ def test_trains_n_steps_checkpoints_and_pushes(selector, tmp_path):
     assert summary == result and summary["steps"] == 4 and summary["first_step"] == 0
     assert summary["samples"] == 4 * B and summary["tokens"] > summary["samples"]
     assert summary["wall_seconds"] > 0 and summary["peak_rss_bytes"] > 50 << 20
+    assert 50 << 20 < summary["start_rss_bytes"] <= summary["peak_rss_bytes"]  # model loaded, before the loop
 
 
 def test_resume_rejoins_after_the_checkpoint_and_loses_nothing(selector, tmp_path):

@@ -42,6 +42,8 @@ class RunResult:
     samples_per_rank_step: float
     train_loss: list[float] = field(default_factory=list)  # mean over ranks, per step
     weight_share: dict[str, float] = field(default_factory=dict)  # of the total training weight
+    trainer_start_rss: int = 0     # resident when the loop began (model and optimizer loaded); 0: unknown
+    trainer_start_device: int = 0
 
 
 def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: int = 0,
@@ -110,6 +112,8 @@ def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmu
         samples_per_rank_step=sum(s["samples"] for s in summaries) / sum(s["steps"] for s in summaries),
         train_loss=[sum(e["loss"] for e in step) / world for step in zip(*ledgers)],
         weight_share=_weight_share(ledgers),
+        trainer_start_rss=max(s.get("start_rss_bytes", 0) for s in summaries),
+        trainer_start_device=max(s.get("start_device_bytes", 0) for s in summaries),
     )
 
 

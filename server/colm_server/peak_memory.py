@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -19,3 +20,19 @@ def peak_device_bytes() -> int:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0
     return int(max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now, in bytes (Linux; 0 where /proc is missing)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def current_device_bytes() -> int:
+    """CUDA memory torch holds allocated now (0 without CUDA)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return int(max(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count())))

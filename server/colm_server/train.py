@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from colm_client import AdapterSync, CoresetStream, weighted_loss
 from colm_client.channel import read_token
 from colm_server.model.load import attach_lora, load_model
-from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
+from colm_server.peak_memory import current_device_bytes, current_rss_bytes, peak_device_bytes, peak_rss_bytes
 
 logger = logging.getLogger("colm_server.train")
 
@@ -122,7 +122,8 @@ def train(args: argparse.Namespace) -> dict:
     """Train until `args.steps` optimizer steps are done; returns (and saves) this rank's summary.
 
     ``summary-rank<r>.json`` in the output dir: last step and its loss, steps, samples and tokens
-    trained by this process, its wall time and peak memory.
+    trained by this process, its wall time, peak memory, and the memory held when the loop began
+    (model, adapter and optimizer loaded), which tells what training itself adds.
     """
     rank, world, device, ddp = setup_distributed(args)
     owner = rank == 0 or not ddp  # writes checkpoints (under DDP rank 0 speaks for all)
@@ -159,6 +160,7 @@ def train(args: argparse.Namespace) -> dict:
                        tls_ca=args.tls_ca) if args.push_every > 0 else None
     ledger = open(out / f"ledger-rank{rank}.jsonl", "a")
     run_id = uuid.uuid4().hex[:12]  # tells this process's entries from a crashed predecessor's
+    start_rss, start_device = current_rss_bytes(), current_device_bytes()
     step, loss_value, tokens, t0 = start - 1, float("nan"), 0, time.perf_counter()
     started, trained, samples, all_tokens = t0, 0, 0, 0
     try:
@@ -204,7 +206,8 @@ def train(args: argparse.Namespace) -> dict:
     summary = {"rank": rank, "world_size": world, "first_step": start, "step": step, "loss": loss_value,
                "steps": trained, "samples": samples, "tokens": all_tokens,
                "wall_seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(),
-               "peak_device_bytes": peak_device_bytes()}
+               "peak_device_bytes": peak_device_bytes(), "start_rss_bytes": start_rss,
+               "start_device_bytes": start_device}
     (out / f"summary-rank{rank}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
