@@ -207,9 +207,9 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
         "sources equally; micro: records equally, i.e. per-source means weighted by the held-out "
         f"split's source sizes), exact match on {preset.em_per_source} prompts per source "
         f"({preset.max_new_tokens} new tokens, greedy).", "",
-        "| run | macro loss | micro loss | exact match | trainer s | selector ms/step | trainer peak "
+        "| run | seeds | macro loss | micro loss | exact match | trainer s | selector ms/step | trainer peak "
         "| selector peak | small sources kept |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         group = of[r]
@@ -218,13 +218,15 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
         peak_s = max(o.job.selector_peak_device or o.job.selector_peak_rss for o in group) / 2**20
         kept = [o.small_sources_kept for o in group if o.small_sources_kept is not None]
         trainer_s = statistics.mean(o.job.trainer_seconds for o in group)
-        cells = [mean_spread([o.macro for o in group]), mean_spread([o.micro for o in group]),
-                 mean_spread([o.exact_match for o in group]), f"{trainer_s:.0f}",
+        cells = [str(len(group)), mean_spread([o.macro for o in group]),
+                 mean_spread([o.micro for o in group]), mean_spread([o.exact_match for o in group]),
+                 f"{trainer_s:.0f}",
                  f"{statistics.mean(sel):.0f}" if sel else "-", f"{peak_t:.0f} MiB", f"{peak_s:.0f} MiB",
                  f"{min(kept):.0%}" if kept else "-"]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     memory = "RSS of the whole process" if "no GPU" in data["machine"] else "CUDA max allocated"
-    lines += ["", f"Peak memory: {memory}. Trainer seconds: the training loop of the slowest rank.", "",
+    lines += ["", f"Mean ± standard deviation over seeds. Peak memory: {memory}. Trainer seconds: the "
+              "training loop of the slowest rank.", "",
               "## Held-out loss per source", "",
               "| source | share | " + " | ".join(runs) + " |", "|---|---:|" + "---:|" * len(runs)]
     for s in sources:
@@ -235,27 +237,84 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
 
 
 def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
-    """The issue's targets, each stated met or missed with its numbers."""
+    """The issue's targets, each stated met or missed with its numbers.
+
+    With several seeds a comparison is also paired by seed (runs of one seed read the same
+    large batches): the mean difference, its standard error, and whether it exceeds twice that.
+    """
     macro = {r: statistics.mean(o.macro for o in v) for r, v in of.items()}
     out = []
-    colm_runs = [r for r in of if r.startswith("colm")]
+    colm_runs = [r for r in of if r.startswith("colm") and r in RUNS]
     for r in colm_runs:
         for other, relation in (("random", "<"), ("stratified", "<"), ("full-b", "<"), ("full-2b", "<=")):
             if other in macro:
                 met = macro[r] < macro[other] if relation == "<" else macro[r] <= macro[other]
                 out.append(f"- {r} macro loss {macro[r]:.4f} {relation} {other} {macro[other]:.4f}: "
-                           f"**{'met' if met else 'missed'}**")
+                           f"**{'met' if met else 'missed'}**{paired(of[r], of[other])}")
     if "full-b" in of and "full-2b" in of:
-        ratio = (max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-b"])
-                 / max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of["full-2b"]))
+        peak = {r: max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of[r])
+                for r in ("full-b", "full-2b")}
+        ratio = peak["full-b"] / peak["full-2b"]
         out.append(f"- trainer peak memory at b / at 2b = {ratio:.3f} (target <= 0.55): "
                    f"**{'met' if ratio <= 0.55 else 'missed'}**")
+        added = {r: [o.job.trainer_peak_device - o.job.trainer_start_device if o.job.trainer_peak_device
+                     else o.job.trainer_peak_rss - o.job.trainer_start_rss
+                     for o in of[r] if o.job.trainer_start_rss] for r in ("full-b", "full-2b")}
+        if added["full-b"] and added["full-2b"]:
+            start = max(o.job.trainer_start_device or o.job.trainer_start_rss
+                        for r in ("full-b", "full-2b") for o in of[r] if o.job.trainer_start_rss)
+            out.append(f"  - of which training adds (peak less what was held when the loop began, "
+                       f"{start / 2**20:.0f} MiB): {max(added['full-b']) / 2**20:.0f} MiB at b, "
+                       f"{max(added['full-2b']) / 2**20:.0f} MiB at 2b, ratio "
+                       f"{max(added['full-b']) / max(added['full-2b']):.3f}")
     for r in colm_runs:
         kept = [o.small_sources_kept for o in of[r] if o.small_sources_kept is not None]
         if kept:
             out.append(f"- {r}: small sources' samples kept {min(kept):.1%} (target 100%): "
                        f"**{'met' if min(kept) == 1.0 else 'missed'}**")
+    ablations = [r for r in of if r in ABLATIONS]
+    if ablations and "colm-exact" in of:
+        out += ["", "Ablations (colm-exact with one part taken away; positive: worse without it):", ""]
+        for r in ablations:
+            out.append(f"- {r}: macro loss {macro[r]:.4f}, {macro[r] - macro['colm-exact']:+.4f} against "
+                       f"colm-exact{paired(of[r], of['colm-exact'])}")
     return out
+
+
+def paired(runs: list[Outcome], others: list[Outcome]) -> str:
+    """`` (paired over n seeds: d ± se, resolved|within noise)`` for seeds both have; '' for fewer than 2."""
+    by_seed = {o.seed: o.macro for o in others}
+    diffs = [o.macro - by_seed[o.seed] for o in runs if o.seed in by_seed]
+    if len(diffs) < 2:
+        return ""
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    verdict = "resolved" if abs(mean) > 2 * se else "within noise"
+    return f" (paired over {len(diffs)} seeds: {mean:+.4f} ± {se:.4f}, {verdict})"
+
+
+def merge(results: list[dict]) -> dict:
+    """One results document from runs of one preset and mixture made by several commands."""
+    first = results[0]
+    for other in results[1:]:
+        for key in ("preset_name", "mixture", "small_sources", "manifest"):
+            if other[key] != first[key]:
+                raise SystemExit(f"cannot merge results that differ in {key!r}")
+        fixed = {k: v for k, v in other["preset"].items() if k != "seeds"}
+        if fixed != {k: v for k, v in first["preset"].items() if k != "seeds"}:
+            raise SystemExit("cannot merge results of different preset settings")
+        if abs(other["base"]["macro"] - first["base"]["macro"]) > 1e-4:
+            raise SystemExit("cannot merge results evaluated on different held-out records")
+    seen = set()
+    outcomes = []
+    for o in (o for r in results for o in r["outcomes"]):
+        if (o["run"], o["seed"]) in seen:
+            raise SystemExit(f"{o['run']} seed {o['seed']} is in more than one results file")
+        seen.add((o["run"], o["seed"]))
+        outcomes.append(o)
+    seeds = sorted({o["seed"] for o in outcomes})
+    return {**first, "command": " and ".join(f"`{r['command']}`" for r in results).strip("`"),
+            "preset": {**first["preset"], "seeds": seeds}, "seconds": sum(r["seconds"] for r in results),
+            "outcomes": outcomes}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,10 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, default=Path("bench-work"), help="shards, journals, checkpoints")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per process (default: torch's)")
-    p.add_argument("--render", type=Path, help="only rewrite the .md and .png from this results .json")
+    p.add_argument("--render", type=Path, nargs="+",
+                   help="only rewrite the .md and .png from these results .json (several: merged, "
+                        "written under the first one's name or --tag)")
     args = p.parse_args(argv)
     if args.render:
-        print(write_results(args.out, json.loads(args.render.read_text())))
+        data = merge([json.loads(path.read_text()) for path in args.render])
+        if args.tag:
+            data["tag"] = args.tag
+        print(write_results(args.out, data))
         return
     preset = PRESETS[args.preset]
     if args.steps:
