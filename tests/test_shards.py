@@ -122,6 +122,13 @@ def test_brace_patterns_and_lists_of_them(tmp_path):
     assert sorted(ids(recs)) == sorted(f"r{i}" for i in range(20))
 
 
+def test_a_runaway_brace_range_is_refused_without_spelling_it_out():
+    """A typo like {0..99999999} would list 10^8 names; it is refused once it passes MAX_SHARDS."""
+    with pytest.raises(ValueError, match=r"urls: expands to more than 1,000,000 shards"):
+        ShardConfig(urls="/data/s-{0..99999999}.tar")
+    assert len(expand_urls(["/data/s-{0..999}.tar", "/data/t-{0..999}.tar"])) == 2000
+
+
 def test_text_records_and_custom_field_names(tmp_path):
     samples = [
         {"__key__": "t", "json": {"uid": 7, "ds": "web", "text": "plain text"}},

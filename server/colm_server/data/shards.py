@@ -10,6 +10,7 @@ records already yielded, so a resume costs a re-read of that epoch's prefix, and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -79,11 +80,21 @@ class ShardConfig:
                 raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
 
 
+MAX_SHARDS = 1_000_000  # a pattern that spells out more is almost surely a typo, and costs memory
+
+
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """The shard list: every pattern brace-expanded, and every manifest.json its shards, in order."""
+    """The shard list: every pattern brace-expanded, and every manifest.json its shards, in order.
+
+    Raises ValueError past MAX_SHARDS shards, found lazily so ``{0..99999999}`` fails at once.
+    """
     patterns = [urls] if isinstance(urls, str) else urls
-    return [u for p in patterns for u in (_manifest_shards(p) if p.endswith(MANIFEST)
-                                          else braceexpand.braceexpand(p))]
+    shards = itertools.chain.from_iterable(_manifest_shards(p) if p.endswith(MANIFEST)
+                                           else braceexpand.braceexpand(p) for p in patterns)
+    listed = list(itertools.islice(shards, MAX_SHARDS + 1))
+    if len(listed) > MAX_SHARDS:
+        raise ValueError(f"urls: expands to more than {MAX_SHARDS:,} shards")
+    return listed
 
 
 def manifest_sources(urls: str | list[str]) -> dict[str, int] | None:
