@@ -39,7 +39,7 @@ import torch
 from colm_server.data.collate import Collator
 from colm_server.data.prepare import prepare
 from colm_server.evaluate import exact_match, source_losses
-from colm_server.jobs import RunResult, final_adapter, run_job
+from colm_server.jobs import RunResult, final_adapter, mean_effective_batch, read_ledgers, run_job
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 
 MIXTURE = Path(__file__).resolve().parents[2] / "shared/data/math-mixture"
@@ -207,9 +207,9 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
         "sources equally; micro: records equally, i.e. per-source means weighted by the held-out "
         f"split's source sizes), exact match on {preset.em_per_source} prompts per source "
         f"({preset.max_new_tokens} new tokens, greedy).", "",
-        "| run | seeds | macro loss | micro loss | exact match | trainer s | selector ms/step | trainer peak "
-        "| selector peak | small sources kept |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | seeds | macro loss | micro loss | exact match | effective b | trainer s | selector ms/step "
+        "| trainer peak | selector peak | small sources kept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         group = of[r]
@@ -220,13 +220,14 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
         trainer_s = statistics.mean(o.job.trainer_seconds for o in group)
         cells = [str(len(group)), mean_spread([o.macro for o in group]),
                  mean_spread([o.micro for o in group]), mean_spread([o.exact_match for o in group]),
-                 f"{trainer_s:.0f}",
+                 f"{statistics.mean(o.job.effective_batch for o in group):.1f}", f"{trainer_s:.0f}",
                  f"{statistics.mean(sel):.0f}" if sel else "-", f"{peak_t:.0f} MiB", f"{peak_s:.0f} MiB",
                  f"{min(kept):.0%}" if kept else "-"]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     memory = "RSS of the whole process" if "no GPU" in data["machine"] else "CUDA max allocated"
-    lines += ["", f"Mean ± standard deviation over seeds. Peak memory: {memory}. Trainer seconds: the "
-              "training loop of the slowest rank.", "",
+    lines += ["", f"Mean ± standard deviation over seeds. Effective b: (sum w)^2 / sum w^2 of a step's "
+              "weights, averaged over steps; what the weighted loss is worth in equally weighted samples. "
+              f"Peak memory: {memory}. Trainer seconds: the training loop of the slowest rank.", "",
               "## Held-out loss per source", "",
               "| source | share | " + " | ".join(runs) + " |", "|---|---:|" + "---:|" * len(runs)]
     for s in sources:
@@ -402,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
 def write_results(out: Path, data: dict) -> str:
     """``finetune-<preset>[-<mixture>]`` .json, .md and .png under ``out``; returns the Markdown."""
     preset = Preset(**{**data["preset"], "seeds": tuple(data["preset"]["seeds"])})
+    for o in data["outcomes"]:  # results from before effective_batch was measured: from the ledgers
+        ledger = Path(o["job"]["output_dir"]) / "ledger-rank0.jsonl"
+        if not o["job"].get("effective_batch") and ledger.exists():
+            o["job"]["effective_batch"] = mean_effective_batch(read_ledgers(ledger.parent, 1))
     outcomes = [Outcome(**{**o, "job": RunResult(**{**o["job"], "output_dir": Path(o["job"]["output_dir"])})})
                 for o in data["outcomes"]]
     base = data["base"]

@@ -44,6 +44,7 @@ class RunResult:
     weight_share: dict[str, float] = field(default_factory=dict)  # of the total training weight
     trainer_start_rss: int = 0     # resident when the loop began (model and optimizer loaded); 0: unknown
     trainer_start_device: int = 0
+    effective_batch: float = 0.0   # mean over steps of effective_batch(); 0: unknown
 
 
 def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: int = 0,
@@ -97,8 +98,7 @@ def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmu
         status = selector.status()
         selector.terminate()
     summaries = [json.loads((trainer_dir / f"summary-rank{r}.json").read_text()) for r in range(world)]
-    ledgers = [[json.loads(line) for line in (trainer_dir / f"ledger-rank{r}.jsonl").read_text().splitlines()]
-               for r in range(world)]
+    ledgers = read_ledgers(trainer_dir, world)
     return RunResult(
         name=name, output_dir=trainer_dir, selected_steps=int(status["selected_steps"]),
         source_seen={k: int(v) for k, v in status["source_seen"].items()},
@@ -112,9 +112,28 @@ def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmu
         samples_per_rank_step=sum(s["samples"] for s in summaries) / sum(s["steps"] for s in summaries),
         train_loss=[sum(e["loss"] for e in step) / world for step in zip(*ledgers)],
         weight_share=_weight_share(ledgers),
+        effective_batch=mean_effective_batch(ledgers),
         trainer_start_rss=max(s.get("start_rss_bytes", 0) for s in summaries),
         trainer_start_device=max(s.get("start_device_bytes", 0) for s in summaries),
     )
+
+
+def read_ledgers(trainer_dir: Path, world: int) -> list[list[dict]]:
+    """Every rank's ledger entries, in the order trained."""
+    return [[json.loads(line) for line in (trainer_dir / f"ledger-rank{r}.jsonl").read_text().splitlines()]
+            for r in range(world)]
+
+
+def effective_batch(weights: list[float]) -> float:
+    """``(sum w)^2 / sum w^2``: how many equally weighted samples a step's weighted loss is worth
+    (b for uniform weights, 1 when one sample carries it all)."""
+    return sum(weights) ** 2 / sum(w * w for w in weights)
+
+
+def mean_effective_batch(ledgers: list[list[dict]]) -> float:
+    """The mean of ``effective_batch`` over every rank's steps."""
+    values = [effective_batch(e["weights"]) for ledger in ledgers for e in ledger]
+    return sum(values) / len(values) if values else 0.0
 
 
 def _weight_share(ledgers: list[list[dict]]) -> dict[str, float]:

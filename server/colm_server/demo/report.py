@@ -66,13 +66,16 @@ def markdown(setup: list[str], runs: list[RunResult], losses: dict[str, SourceLo
         lines.append(f"| {s}{mark} | {first.source_seen.get(s, 0) / total_seen:.1%} | {' | '.join(cells)} |")
 
     lines += ["", "## Cost", "",
-              "| run | samples per rank and step | wall time | trainer peak RSS | selector peak RSS "
-              "| selection per step |", "|---|---:|---:|---:|---:|---:|"]
+              "| run | samples per rank and step | effective samples | wall time | trainer peak RSS "
+              "| selector peak RSS | selection per step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         per_step = f"{r.selection_seconds / r.selections * 1e3:.1f} ms" if r.selections else "-"
-        lines.append(f"| {r.name} | {r.samples_per_rank_step:.0f} | {r.wall_seconds:.1f} s "
+        lines.append(f"| {r.name} | {r.samples_per_rank_step:.0f} | {r.effective_batch:.1f} "
+                     f"| {r.wall_seconds:.1f} s "
                      f"| {_mib(r.trainer_peak_rss)} | {_mib(r.selector_peak_rss)} | {per_step} |")
-    lines += ["", "Peak RSS is the resident memory of the whole process (the Python runtime and "
+    lines += ["", "Effective samples: (sum w)^2 / sum w^2 of a rank's step, averaged; what its weighted "
+              "loss is worth in equally weighted samples.",
+              "Peak RSS is the resident memory of the whole process (the Python runtime and "
               "torch included, the largest of the ranks for the trainer); on a GPU the activation "
               "memory of b against L is what differs."]
     return "\n".join(lines) + "\n"
