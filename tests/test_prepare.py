@@ -36,7 +36,8 @@ def test_round_trip_keeps_ids_sources_and_text(tmp_path):
     manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out")
     assert manifest["total"] == 7 and manifest["shards"] == ["shard-000000.tar"]
     got = read_back(manifest)
-    assert [{k: r[k] for k in ("id", "source", "prompt", "response")} for r in got] == data
+    fields = [{k: r[k] for k in ("id", "source", "prompt", "response")} for r in got]
+    assert sorted(fields, key=lambda r: r["id"]) == sorted(data, key=lambda r: r["id"])
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:  # keys: no dots, no slashes
         keys = [name.rsplit(".", 1)[0] for name in tar.getnames()]
     assert len(set(keys)) == 7 and not any("." in k or "/" in k for k in keys)
@@ -46,7 +47,7 @@ def test_round_trip_keeps_ids_sources_and_text(tmp_path):
 def test_small_shards_split_in_order_across_inputs(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", rows(6))
     b = write_jsonl(tmp_path / "b.jsonl", [{**r, "id": "b" + r["id"]} for r in rows(5)])
-    manifest = prepare([a, b], tmp_path / "out", shard_max_records=3, prefix="mix")
+    manifest = prepare([a, b], tmp_path / "out", shard_max_records=3, prefix="mix", shuffle_seed=None)
     assert manifest["records_per_shard"] == [3, 3, 3, 2]
     assert manifest["pattern"] == "mix-{000000..000003}.tar"
     assert manifest["inputs"] == [str(a), str(b)]
@@ -63,14 +64,16 @@ def test_malformed_lines_counted_by_reason(tmp_path, caplog):
     manifest = prepare([path], tmp_path / "out")
     assert manifest["skipped"] == {"bad_json": 1, "not_object": 1, "missing_id": 1, "missing_source": 1,
                                    "missing_response": 1, "empty_response": 1, "duplicate_id": 1}
-    assert manifest["total"] == 3 and [r["id"] for r in read_back(manifest)] == [r["id"] for r in good]
+    assert manifest["total"] == 3
+    assert sorted(r["id"] for r in read_back(manifest)) == sorted(r["id"] for r in good)
     assert f"{path}:5" in caplog.text  # line 4 is blank: not a record, not counted
 
 
 def test_custom_field_names_and_default_source(tmp_path):
     data = [{"uid": 7, "question": "q?", "answer": "a."}, {"uid": 8, "question": "q2", "answer": "b"}]
     manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out", id_field="uid",
-                       prompt_field="question", response_field="answer", default_source="quiz")
+                       prompt_field="question", response_field="answer", default_source="quiz",
+                       shuffle_seed=None)
     got = read_back(manifest)
     assert [(r["id"], r["source"], r["prompt"], r["response"]) for r in got] == [
         ("7", "quiz", "q?", "a."), ("8", "quiz", "q2", "b")]
@@ -79,7 +82,8 @@ def test_custom_field_names_and_default_source(tmp_path):
 def test_text_only_records(tmp_path):
     data = [{"id": "t1", "source": "web", "body": "plain text one"},
             {"id": "t2", "source": "web", "body": "two"}]
-    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out", text_field="body")
+    manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / "out", text_field="body",
+                       shuffle_seed=None)
     with tarfile.open(tmp_path / "out" / manifest["shards"][0]) as tar:
         first = json.loads(tar.extractfile(tar.getmembers()[0]).read())
     assert first == {"id": "t1", "source": "web", "text": "plain text one"}
@@ -92,12 +96,62 @@ def test_manifest_counts_per_source(tmp_path):
     assert manifest["sources"] == {"a": 3, "b": 5, "c": 2}
 
 
+def by_source(n_per_source: int, sources: tuple[str, ...] = ("a", "b", "c", "d")) -> list[dict]:
+    """Records one source after another, as mixtures are often distributed."""
+    return [{"id": f"{s}-{i}", "source": s, "prompt": "p", "response": f"{s}{i}"}
+            for s in sources for i in range(n_per_source)]
+
+
+def test_shards_of_a_source_sorted_input_each_hold_a_mix_of_sources(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", by_source(50))
+    manifest = prepare([path], tmp_path / "out", shard_max_records=25)
+    assert manifest["shuffle_seed"] == 0 and len(manifest["shards"]) == 8
+    for name in manifest["shards"]:
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            sources = {json.loads(tar.extractfile(m).read())["source"] for m in tar.getmembers()}
+        assert len(sources) >= 3, (name, sources)
+    # Unshuffled, every shard would hold one source: the reader would train on one at a time.
+    ordered = prepare([path], tmp_path / "ordered", shard_max_records=25, shuffle_seed=None)
+    assert [r["source"] for r in read_back(ordered)] == [r["source"] for r in by_source(50)]
+    assert ordered["shuffle_seed"] is None
+
+
+def test_the_shuffle_is_seeded(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", by_source(30))
+    order = {name: [r["id"] for r in read_back(prepare([path], tmp_path / name, shuffle_seed=seed))]
+             for name, seed in (("a", 1), ("b", 1), ("c", 2))}
+    assert order["a"] == order["b"] != order["c"]
+    assert sorted(order["a"]) == sorted(order["c"]) == sorted(r["id"] for r in by_source(30))
+
+
+def test_inputs_larger_than_a_bucket_are_shuffled_through_disk_and_nothing_is_left_there(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", by_source(100))
+    manifest = prepare([path], tmp_path / "out", shard_max_records=50, bucket_bytes=path.stat().st_size // 8)
+    got = read_back(manifest)
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in by_source(100))
+    assert [r["source"] for r in got[:50]].count("a") < 30  # the first shard is not mostly one source
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == sorted(manifest["shards"] + ["manifest.json"])
+
+
+def test_of_records_sharing_an_id_the_first_in_input_order_is_kept(tmp_path):
+    data = by_source(20) + [{"id": "a-0", "source": "a", "prompt": "p", "response": "later copy"}]
+    for seed in (0, 1, 2):
+        manifest = prepare([write_jsonl(tmp_path / "in.jsonl", data)], tmp_path / f"out{seed}",
+                           shuffle_seed=seed)
+        assert manifest["skipped"] == {"duplicate_id": 1}
+        assert {r["id"]: r["response"] for r in read_back(manifest)}["a-0"] == "a0"
+
+
 def test_cli_prints_summary_and_urls(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", rows(4))
     assert main(["prepare", str(path), "--out", str(tmp_path / "out"), "--shard-records", "2"]) == 0
     out = capsys.readouterr().out
     assert "records: 4 in 2 shard(s)" in out and "gsm8k=2" in out
     assert f"data.urls: {(tmp_path / 'out').resolve()}/shard-{{000000..000001}}.tar" in out
+    assert main(["prepare", str(path), "--out", str(tmp_path / "kept"), "--no-shuffle"]) == 0
+    assert [r["id"] for r in read_back(json.loads((tmp_path / "kept" / "manifest.json").read_text()))] == [
+        r["id"] for r in rows(4)]
 
 
 def test_folder_without_datasets_package_names_it(tmp_path):

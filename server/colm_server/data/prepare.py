@@ -3,6 +3,10 @@
 Each record becomes a sample ``{__key__, json}`` with ``json`` = ``{id, source, prompt, response}``
 (or ``{id, source, text}``), as ``colm_server.data.shards`` expects. Bad lines are logged with file
 and line, counted per reason and skipped; ``manifest.json`` in the output folder lists what was written.
+
+Records are shuffled (seeded) before they are sharded. Inputs often come one source after another,
+and a reader's shuffle buffer only mixes neighbours, so unshuffled shards would feed training one
+or two sources at a time. Inputs larger than memory go through on-disk buckets.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import gzip
 import itertools
 import json
 import logging
+import math
+import os
+import random
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -97,11 +105,16 @@ def brace_pattern(names: list[str]) -> str:
     return f"{head}{{{first}..{last}}}.tar"
 
 
+BUCKET_BYTES = 512 << 20  # input bytes per shuffle bucket; one bucket is shuffled in memory at a time
+
+
 def prepare(inputs: list[Path], out_dir: Path, *, shard_max_records: int = 10000,
             shard_max_bytes: int = 256 << 20, id_field: str = "id", source_field: str = "source",
             prompt_field: str = "prompt", response_field: str = "response", text_field: str = "text",
-            default_source: str | None = None, prefix: str = "shard") -> dict[str, Any]:
-    """Write ``inputs`` (read in the given order) as shards in ``out_dir``; returns the manifest."""
+            default_source: str | None = None, prefix: str = "shard", shuffle_seed: int | None = 0,
+            bucket_bytes: int = BUCKET_BYTES) -> dict[str, Any]:
+    """Write ``inputs`` as shards in ``out_dir``, shuffled by ``shuffle_seed`` (None: in input
+    order); returns the manifest. Of records sharing an id, the first in input order is kept."""
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise ValueError("inputs: give at least one JSONL file or dataset folder")
@@ -110,30 +123,74 @@ def prepare(inputs: list[Path], out_dir: Path, *, shard_max_records: int = 10000
         raise FileNotFoundError(f"inputs: not found: {', '.join(missing)}")
     fields = {"id": id_field, "source": source_field, "prompt": prompt_field,
               "response": response_field, "text": text_field}
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes: must be >= 1, got {bucket_bytes}")
     skipped: Counter[str] = Counter()
 
     def usable() -> Iterator[dict[str, str]]:
+        seen: set[str] = set()
         for path in inputs:
             for where, obj in _rows(path):
                 record = obj if isinstance(obj, str) else _canonical(obj, fields, default_source)
-                if isinstance(record, str):
-                    skipped[record] += 1
-                    logger.warning("skipped (%s): %s", record, where)
+                if isinstance(record, str) or record["id"] in seen:
+                    reason = record if isinstance(record, str) else "duplicate_id"
+                    skipped[reason] += 1
+                    logger.warning("skipped (%s): %s", reason, where)
                     continue
+                seen.add(record["id"])
                 yield record
 
-    return write_shards(usable(), out_dir, shard_max_records=shard_max_records,
-                        shard_max_bytes=shard_max_bytes, prefix=prefix, skipped=skipped,
-                        inputs=[str(p) for p in inputs])
+    records: Iterable[dict[str, str]] = usable()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".shuffle-", dir=out_dir) as scratch:
+        if shuffle_seed is not None:
+            buckets = max(1, math.ceil(sum(_size(p) for p in inputs) / bucket_bytes))
+            records = shuffled(records, random.Random(shuffle_seed), buckets, Path(scratch))
+        manifest = write_shards(records, out_dir, shard_max_records=shard_max_records,
+                                shard_max_bytes=shard_max_bytes, prefix=prefix, skipped=skipped,
+                                inputs=[str(p) for p in inputs], extra={"shuffle_seed": shuffle_seed})
+    return manifest
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk of an input file or dataset folder (compressed input counted 4x)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size * (4 if path.suffix == ".gz" else 1)
+
+
+def shuffled(records: Iterable[dict[str, str]], rng: random.Random, buckets: int,
+             scratch: Path) -> Iterator[dict[str, str]]:
+    """``records`` in a uniformly random order. With one bucket in memory; with more, each record
+    first goes to a random bucket file under ``scratch``, then each bucket is shuffled in memory."""
+    if buckets == 1:
+        rows = list(records)
+        rng.shuffle(rows)
+        yield from rows
+        return
+    paths = [scratch / f"bucket-{i:05d}.jsonl" for i in range(buckets)]
+    files = [open(p, "w", encoding="utf-8") for p in paths]
+    try:
+        for record in records:
+            files[rng.randrange(buckets)].write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        for f in files:
+            f.close()
+    for path in paths:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        os.remove(path)
+        rng.shuffle(rows)
+        yield from rows
 
 
 def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_records: int = 10000,
                  shard_max_bytes: int = 256 << 20, prefix: str = "shard",
-                 skipped: Counter[str] | None = None, inputs: list[str] | None = None) -> dict[str, Any]:
+                 skipped: Counter[str] | None = None, inputs: list[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write canonical records (``{id, source, prompt, response}`` or ``{id, source, text}``) in order.
 
     A repeated id is skipped and counted in ``skipped`` as ``duplicate_id``; ``manifest.json`` is
-    written beside the shards and returned.
+    written beside the shards and returned, with ``extra`` keys added.
     """
     out_dir = Path(out_dir)
     if shard_max_records < 1 or shard_max_bytes < 1:
@@ -175,7 +232,7 @@ def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_
         "total": sum(per_shard), "shards": names, "records_per_shard": per_shard,
         "sources": dict(sorted(sources.items())), "skipped": dict(sorted(skipped.items())),
         "pattern": pattern, "urls": str(out_dir.resolve() / pattern) if names else "",
-        "inputs": list(inputs or []),
+        "inputs": list(inputs or []), **(extra or {}),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -198,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("id", "source", "prompt", "response", "text"):
         p.add_argument(f"--{name}-field", default=name, help=f"input key holding the {name}")
     p.add_argument("--default-source", help="source for records that have none")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
+    p.add_argument("--no-shuffle", action="store_true", help="write records in input order")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     limits = {"shard_max_records": args.shard_records, "prefix": args.prefix,
@@ -211,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare(
             args.inputs, args.out, id_field=args.id_field, source_field=args.source_field,
             prompt_field=args.prompt_field, response_field=args.response_field, text_field=args.text_field,
-            default_source=args.default_source, **limits)
+            default_source=args.default_source, shuffle_seed=None if args.no_shuffle else args.seed,
+            **limits)
     print(f"records: {manifest['total']} in {len(manifest['shards'])} shard(s) under {args.out}")
     print("sources: " + ", ".join(f"{s}={n}" for s, n in manifest["sources"].items()))
     print(f"skipped: {sum(manifest['skipped'].values())} {manifest['skipped'] or ''}".rstrip())
