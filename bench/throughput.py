@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -51,10 +51,13 @@ SKETCHES = {
 
 
 def records(n: int, offset: int = 0) -> list[dict]:
-    rows = [json.loads(line) for line in itertools.islice(MIXTURE.open(), offset, offset + n)]
-    if len(rows) < n:
+    """Rows ``offset .. offset + n`` of the mixture in a fixed shuffled order: batches of every
+    source, as the service draws them (the file itself is sorted by source)."""
+    rows = [json.loads(line) for line in MIXTURE.open()]
+    random.Random(0).shuffle(rows)
+    if len(rows) < offset + n:
         raise ValueError(f"{MIXTURE} has fewer than {offset + n} rows")
-    return rows
+    return rows[offset:offset + n]
 
 
 def sync(device: torch.device) -> None:
