@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from colm_server.data.prepare import brace_pattern, main, prepare
-from colm_server.data.shards import ShardConfig, ShardStream
+from colm_server.data.shards import ShardConfig, ShardStream, unshuffled_manifests
 
 MATH_MIXTURE = Path("/work/shared/data/math-mixture/train.jsonl")
 
@@ -114,6 +114,18 @@ def test_shards_of_a_source_sorted_input_each_hold_a_mix_of_sources(tmp_path):
     ordered = prepare([path], tmp_path / "ordered", shard_max_records=25, shuffle_seed=None)
     assert [r["source"] for r in read_back(ordered)] == [r["source"] for r in by_source(50)]
     assert ordered["shuffle_seed"] is None
+
+
+def test_the_selector_can_tell_manifests_of_unshuffled_shards(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", by_source(5))
+    prepare([path], tmp_path / "mixed")
+    prepare([path], tmp_path / "ordered", shuffle_seed=None)
+    old = tmp_path / "old"  # written before prepare recorded its shuffle
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"shards": [], "sources": {}}))
+    urls = [str(tmp_path / d / "manifest.json") for d in ("mixed", "ordered", "old")]
+    assert unshuffled_manifests(urls) == urls[1:]
+    assert unshuffled_manifests(f"{tmp_path}/mixed/shard-{{000000..000001}}.tar") == []
 
 
 def test_the_shuffle_is_seeded(tmp_path):

@@ -112,6 +112,21 @@ def manifest_sources(urls: str | list[str]) -> dict[str, int] | None:
     return total
 
 
+def unshuffled_manifests(urls: str | list[str]) -> list[str]:
+    """The manifests among ``urls`` whose shards were written in input order (``--no-shuffle``, or
+    by a colm-data that did not shuffle): if that input was sorted by source, so are the shards."""
+    patterns = [urls] if isinstance(urls, str) else urls
+    out = []
+    for path in (p for p in patterns if p.endswith(MANIFEST)):
+        try:
+            manifest = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue  # unreadable manifests are refused where the shard list is read
+        if isinstance(manifest, dict) and manifest.get("shuffle_seed") is None:
+            out.append(path)
+    return out
+
+
 def _manifest_shards(path: str) -> list[str]:
     """The shards a ``colm-data`` manifest lists, as paths beside it."""
     try:

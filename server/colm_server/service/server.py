@@ -21,7 +21,7 @@ from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.sync import adapter_state
 from colm_server.config import Config, fingerprint
 from colm_server.data.collate import Collator
-from colm_server.data.shards import ShardStream, manifest_sources
+from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import build_selector
 from colm_server.service.auth import TokenInterceptor
@@ -71,6 +71,9 @@ def build_job(config: Config) -> tuple[Job, Collator]:
     sizes = manifest_sources(config.data.urls)
     if sizes:  # a restarted job then restores its own journaled counts over these
         selector.prime_sources(sizes)
+    for path in unshuffled_manifests(config.data.urls):
+        logger.warning("%s: shards written in input order; if that was sorted by source, large batches "
+                       "hold one or two sources at a time (run colm-data prepare without --no-shuffle)", path)
     job = Job(
         selector=selector, collator=collator,
         stream=ShardStream(config.data), journal=Journal(work, retention=sc.journal_retention),
