@@ -137,10 +137,12 @@ def test_the_shuffle_is_seeded(tmp_path):
 
 
 def test_inputs_larger_than_a_bucket_are_shuffled_through_disk_and_nothing_is_left_there(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", by_source(100))
+    data = by_source(100)
+    data[7]["response"] = "line\u2028separators\x85and\nnewlines\r\n survive"  # not record breaks
+    path = write_jsonl(tmp_path / "in.jsonl", data)
     manifest = prepare([path], tmp_path / "out", shard_max_records=50, bucket_bytes=path.stat().st_size // 8)
     got = read_back(manifest)
-    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in by_source(100))
+    assert sorted((r["id"], r["response"]) for r in got) == sorted((r["id"], r["response"]) for r in data)
     assert [r["source"] for r in got[:50]].count("a") < 30  # the first shard is not mostly one source
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == sorted(manifest["shards"] + ["manifest.json"])

@@ -169,7 +169,7 @@ def shuffled(records: Iterable[dict[str, str]], rng: random.Random, buckets: int
         yield from rows
         return
     paths = [scratch / f"bucket-{i:05d}.jsonl" for i in range(buckets)]
-    files = [open(p, "w", encoding="utf-8") for p in paths]
+    files = [open(p, "w", encoding="utf-8", newline="\n") for p in paths]
     try:
         for record in records:
             files[rng.randrange(buckets)].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -177,7 +177,8 @@ def shuffled(records: Iterable[dict[str, str]], rng: random.Random, buckets: int
         for f in files:
             f.close()
     for path in paths:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        # split on "\n" alone: json escapes it, but not U+2028 and the others splitlines() splits on
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
         os.remove(path)
         rng.shuffle(rows)
         yield from rows
