@@ -240,17 +240,18 @@ def report(outcomes: list[Outcome], data: dict, preset: Preset) -> str:
 def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
     """The issue's targets, each stated met or missed with its numbers.
 
-    With several seeds a comparison is also paired by seed (runs of one seed read the same
-    large batches): the mean difference, its standard error, and whether it exceeds twice that.
+    Two runs are compared on the seeds both have. With several such seeds the comparison is also
+    paired by seed (runs of one seed read the same large batches): the mean difference, its
+    standard error, and whether it exceeds twice that.
     """
-    macro = {r: statistics.mean(o.macro for o in v) for r, v in of.items()}
     out = []
     colm_runs = [r for r in of if r.startswith("colm") and r in RUNS]
     for r in colm_runs:
         for other, relation in (("random", "<"), ("stratified", "<"), ("full-b", "<"), ("full-2b", "<=")):
-            if other in macro:
-                met = macro[r] < macro[other] if relation == "<" else macro[r] <= macro[other]
-                out.append(f"- {r} macro loss {macro[r]:.4f} {relation} {other} {macro[other]:.4f}: "
+            if other in of:
+                mine, theirs, seeds = common_seeds(of[r], of[other])
+                met = mine < theirs if relation == "<" else mine <= theirs
+                out.append(f"- {r} macro loss {mine:.4f} {relation} {other} {theirs:.4f}{seeds}: "
                            f"**{'met' if met else 'missed'}**{paired(of[r], of[other])}")
     if "full-b" in of and "full-2b" in of:
         peak = {r: max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of[r])
@@ -277,9 +278,19 @@ def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
     if ablations and "colm-exact" in of:
         out += ["", "Ablations (colm-exact with one part taken away; positive: worse without it):", ""]
         for r in ablations:
-            out.append(f"- {r}: macro loss {macro[r]:.4f}, {macro[r] - macro['colm-exact']:+.4f} against "
-                       f"colm-exact{paired(of[r], of['colm-exact'])}")
+            mine, theirs, seeds = common_seeds(of[r], of["colm-exact"])
+            out.append(f"- {r}: macro loss {mine:.4f}, {mine - theirs:+.4f} against colm-exact{seeds}"
+                       f"{paired(of[r], of['colm-exact'])}")
     return out
+
+
+def common_seeds(runs: list[Outcome], others: list[Outcome]) -> tuple[float, float, str]:
+    """Mean macro loss of each over the seeds both have, and `` (seeds [..])`` when that is not all."""
+    seeds = sorted({o.seed for o in runs} & {o.seed for o in others})
+    mine = statistics.mean(o.macro for o in runs if o.seed in seeds)
+    theirs = statistics.mean(o.macro for o in others if o.seed in seeds)
+    everything = len(seeds) == len(runs) == len(others)
+    return mine, theirs, "" if everything else f" (seeds {seeds})"
 
 
 def paired(runs: list[Outcome], others: list[Outcome]) -> str:
