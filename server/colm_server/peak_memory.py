@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def peak_device_bytes() -> int:
 def current_rss_bytes() -> int:
     """This process's resident set size now, in bytes (Linux; 0 where /proc is missing)."""
     try:
-        pages = int(open("/proc/self/statm").read().split()[1])
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
