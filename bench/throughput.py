@@ -92,8 +92,8 @@ def selector_vs_forward(model, collator, preset: dict, device: torch.device) -> 
             sel.append(seconds)
             t = selection.stats["timings"]
             split.append({"forward to the top layer": prefix, "top-layer passes": t["sketch"] - prefix,
-                          "sparsify": t["sparsify"], "facility location": t["facility"],
-                          "budgets and the rest": t["total"] - t["sketch"] - t["sparsify"] - t["facility"]})
+                          "features": t["features"], "facility location": t["facility"],
+                          "budgets and the rest": t["total"] - t["sketch"] - t["features"] - t["facility"]})
         f, s = statistics.median(fwd), statistics.median(sel)
         rows.append({"sketch": name, "forward_s": f, "select_s": s, "ratio": s / f,
                      "forward_samples_per_s": L / f, "select_samples_per_s": L / s,

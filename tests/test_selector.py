@@ -39,7 +39,7 @@ def test_colm_keeps_small_sources_and_weights_sum_to_the_batch(sketch, batch):
     assert stats["tiny"]["selected"] == stats["tiny"]["batch"]
     # Cluster sizes of each source add up to the source's count: the weights cover the batch.
     assert sel.weights.sum().item() == pytest.approx(len(batch))
-    assert {"sketch", "sparsify", "facility", "total"} <= set(sel.stats["timings"])
+    assert {"sketch", "features", "facility", "total"} <= set(sel.stats["timings"])
 
 
 def test_same_seed_and_state_give_the_same_selection(collator):
@@ -52,16 +52,38 @@ def test_same_seed_and_state_give_the_same_selection(collator):
         assert torch.equal(x.indices, y.indices) and torch.equal(x.weights, y.weights)
 
 
-def test_state_dict_round_trip_resumes_identically(collator):
+@pytest.mark.parametrize("strategy,normalised", [("colm", 0), ("colm-paper", 3)])
+def test_state_dict_round_trip_resumes_identically(strategy, normalised, collator):
     batches = [collator(make_records({"a": 10, "b": 4, "c": 2}, seed=s)) for s in range(3)]
-    first = build_selector(lora_model(), config())
+    first = build_selector(lora_model(), config(strategy=strategy))
     for t in range(2):
         first.select(batches[t], step=t)
-    second = build_selector(lora_model(), config())
+    second = build_selector(lora_model(), config(strategy=strategy))
     second.load_state_dict(first.state_dict())
     a, b = first.select(batches[2], step=2), second.select(batches[2], step=2)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
-    assert first.state_dict()["normalizer"]["count"] == 3
+    # Only the paper's chain carries Adam-like moments from step to step.
+    assert first.state_dict()["normalizer"]["count"] == normalised
+
+
+def test_colm_paper_scores_with_one_probe_on_the_last_v_proj_whatever_the_sketch_keys(batch):
+    cfg = config(strategy="colm-paper", sketch="exact", sketch_layers=2, zo_probes=8,
+                 similarity="cosine", normalize=False)
+    scoring = cfg.scoring()
+    assert (scoring.sketch, scoring.zo_probes, scoring.sketch_layers) == ("zo", 1, 1)
+    assert (scoring.normalize, scoring.sparsify, scoring.similarity) == (True, True, "l1")
+    selector = build_selector(lora_model(), cfg)
+    assert [t.name for t in selector.scorer.targets] == ["top0.self_attn.v_proj.lora_B.default"]
+    sketch = selector.scorer.sketch(batch, step=0)
+    assert sketch.features().shape == (len(batch), 1)  # K = 1: every sketch on one line
+    assert len(selector.select(batch, step=0).indices) == 6
+
+
+def test_default_colm_sketches_every_layer_to_sketch_dim(batch):
+    selector = build_selector(lora_model(), config(sketch_dim=48, sketch_chunk=5))
+    layers = {t.name.split(".")[0] for t in selector.scorer.targets}
+    assert layers == {"top0", "top1"}  # both layers of the tiny model
+    assert selector.scorer.sketch(batch, step=0).features().shape == (len(batch), 48)
 
 
 def test_budget_at_least_the_batch_selects_everything(batch):
@@ -88,6 +110,8 @@ def test_model_free_strategies_need_no_model(batch):
     (dict(strategy="best"), "strategy"),
     (dict(similarity="dot"), "similarity"),
     (dict(sketch="fd"), "sketch"),
+    (dict(sketch_layers=-1), "sketch_layers"),
+    (dict(sketch_chunk=0), "sketch_chunk"),
     (dict(beta2=1.0), "beta2"),
     (dict(small_source_share=-0.1), "small_source_share"),
 ])

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from colm_server.select.facility import SIMILARITIES
 
-STRATEGIES = ("colm", "random", "stratified", "loss", "full")
+STRATEGIES = ("colm", "colm-paper", "random", "stratified", "loss", "full")
 SKETCHES = ("zo", "exact")
 SKETCH_PARAMS = ("probe", "adapter")
 WEIGHTINGS = ("cluster", "uniform")
+
+# CoLM as published: ZO with one probe on the last layer's v_proj LoRA B, Adam-like
+# per-sample normalisation, top-|mean| sparsification, l1 facility location.
+PAPER = dict(sketch="zo", zo_probes=1, sketch_layers=1, sketch_params="probe",
+             probe_module="v_proj", normalize=True, sparsify=True, similarity="l1")
 
 
 def _help(text: str, **kw) -> dict:
@@ -20,12 +25,17 @@ def _help(text: str, **kw) -> dict:
 class SelectorConfig:
     """How one large batch of L samples becomes a weighted coreset of b."""
 
-    strategy: str = field(default="colm", **_help(f"selection strategy, one of {STRATEGIES}"))
+    strategy: str = field(
+        default="colm",
+        **_help(f"selection strategy, one of {STRATEGIES}; 'colm-paper' is CoLM as published "
+                "(zo K=1 on the last v_proj, normalize, sparsify, l1) whatever the sketch keys say"),
+    )
     batch_size: int = field(default=32, **_help("b: samples selected per large batch"))
     large_batch_size: int = field(default=64, **_help("L: samples in each large batch"))
     sketch: str = field(
         default="exact",
-        **_help("per-sample gradient sketch: 'zo' (zeroth-order probes) or 'exact' (one backward)"),
+        **_help("per-sample gradient sketch: 'exact' (one chunked backward, projected to "
+                "sketch_dim) or 'zo' (zeroth-order probes: 2*zo_probes forwards, no backward)"),
     )
     sketch_params: str = field(
         default="adapter",
@@ -34,19 +44,34 @@ class SelectorConfig:
             "'adapter': every LoRA matrix of the sketched layers"
         ),
     )
-    sketch_layers: int = field(default=1, **_help("number of top decoder layers the sketch covers"))
+    sketch_layers: int = field(
+        default=0, **_help("number of top decoder layers the sketch covers; 0: all of them")
+    )
     probe_module: str = field(default="v_proj", **_help("module whose parameter is probed"))
-    sketch_max_dim: int = field(
-        default=1 << 20,
-        **_help("above this many coordinates the sketch is count-sketch projected to this size"),
+    sketch_dim: int = field(
+        default=1024,
+        **_help("exact sketch: per-sample gradients with more coordinates are count-sketched "
+                "to this many (distances kept in expectation)"),
+    )
+    sketch_chunk: int = field(
+        default=16, **_help("samples per forward/backward chunk of the exact sketch (bounds memory)")
     )
     zo_probes: int = field(default=1, **_help("K: random probe directions per step (zo sketch)"))
     zo_eps: float = field(default=1e-3, **_help("finite-difference step of the zo probes"))
-    zo_dim: int = field(default=2560, **_help("coordinates kept per source by sparsification"))
-    normalize: bool = field(default=True, **_help("Adam-like normalisation of the sketches"))
+    normalize: bool = field(
+        default=False,
+        **_help("Adam-like per-sample normalisation of the sketches (the paper's; distorts distances)"),
+    )
+    sparsify: bool = field(
+        default=False,
+        **_help("keep only the zo_dim coordinates of largest |mean| per source (the paper's)"),
+    )
+    zo_dim: int = field(default=2560, **_help("coordinates kept per source when sparsify is on"))
     beta1: float = field(default=0.9, **_help("first-moment decay of the normalisation"))
     beta2: float = field(default=0.999, **_help("second-moment decay of the normalisation"))
-    similarity: str = field(default="l1", **_help(f"facility-location similarity, one of {SIMILARITIES}"))
+    similarity: str = field(
+        default="euclidean", **_help(f"facility-location similarity, one of {SIMILARITIES}")
+    )
     weighting: str = field(
         default="cluster",
         **_help("'cluster': weights from the strategy (cluster or stratum sizes); 'uniform': all 1"),
@@ -69,10 +94,12 @@ class SelectorConfig:
         _choice("sketch_params", self.sketch_params, SKETCH_PARAMS)
         _choice("similarity", self.similarity, SIMILARITIES)
         _choice("weighting", self.weighting, WEIGHTINGS)
-        for name in ("batch_size", "large_batch_size", "sketch_layers", "sketch_max_dim",
+        for name in ("batch_size", "large_batch_size", "sketch_dim", "sketch_chunk",
                      "zo_probes", "zo_dim", "chunk_tokens", "block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sketch_layers < 0:
+            raise ValueError(f"sketch_layers must be >= 0 (0: all layers), got {self.sketch_layers}")
         if self.batch_size > self.large_batch_size:
             raise ValueError(
                 f"batch_size (b={self.batch_size}) must not exceed "
@@ -85,6 +112,12 @@ class SelectorConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_source_share < 1.0:
             raise ValueError(f"small_source_share must be in [0, 1), got {self.small_source_share}")
+
+    def scoring(self) -> SelectorConfig:
+        """The settings the model is scored with: ``colm-paper`` fixes the paper's, others are as given."""
+        if self.strategy != "colm-paper":
+            return self
+        return replace(self, **PAPER)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,12 +1,16 @@
-"""Exact sketch: per-sample gradients of the sketched linear maps from one backward.
+"""Exact sketch: per-sample gradients of the sketched linear maps from one chunked backward.
 
-The gradient of a linear map's weight for sample n is ``sum_t dy[n,t] x[n,t]^T``: forward
-hooks keep each sketched map's input ``x`` and output ``y``, one backward from the
-per-sample losses gives ``dy``, and an einsum gives every sample's gradient at once.
-Only the top layers are traversed; the lm_head is backpropagated by hand in chunks.
+The gradient of a linear map's weight for sample n is ``sum_t dy[n,t] x[n,t]^T``: a forward
+hook keeps each sketched map's input ``x`` and hooks its output, so that during one backward
+from the per-sample losses each map's ``dy`` is turned into every sample's gradient by an
+einsum and, when the gradients are large, count-sketched right away. Only one chunk of
+samples and one map's per-sample gradient are ever held; the lm_head is backpropagated by
+hand in chunks of positions.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,9 +19,15 @@ from colm_server.model.split import LayerSplit, PrefixCache
 from colm_server.select.sketch import DenseSketch
 from colm_server.select.targets import SketchTarget
 
+Project = Callable[[int, torch.Tensor], torch.Tensor]  # (target index, [N, numel]) -> [N, d]
+
 
 def count_sketch(grads: torch.Tensor, out_dim: int, seed: int, offset: int) -> torch.Tensor:
-    """Project ``[N, d]`` columns into ``out_dim`` buckets with seeded signs (fixed per seed)."""
+    """Project ``[N, d]`` columns into ``out_dim`` buckets with seeded signs (fixed per seed).
+
+    Each target (``offset``) gets its own hash, so summing the targets' projections is one
+    count sketch of their concatenation: inner products and distances are kept in expectation.
+    """
     gen = torch.Generator().manual_seed(seed * 7_919 + offset)
     bucket = torch.randint(out_dim, (grads.shape[1],), generator=gen).to(grads.device)
     sign = (torch.randint(2, (grads.shape[1],), generator=gen) * 2 - 1).to(grads)
@@ -26,15 +36,21 @@ def count_sketch(grads: torch.Tensor, out_dim: int, seed: int, offset: int) -> t
 
 
 def per_sample_grads(
-    split: LayerSplit, cache: PrefixCache, targets: list[SketchTarget]
+    split: LayerSplit, cache: PrefixCache, targets: list[SketchTarget], project: Project | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample gradients ``[N, numel]`` of each target's weight, and the per-sample losses."""
-    inputs: dict[nn.Module, torch.Tensor] = {}
-    outputs: dict[nn.Module, torch.Tensor] = {}
+    """Per-sample gradients ``[N, numel]`` of each target's weight (or ``project(i, grad)``),
+    and the per-sample losses."""
+    index = {t.module: i for i, t in enumerate(targets)}
+    grads: list[torch.Tensor | None] = [None] * len(targets)
 
     def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        inputs[module] = args[0].detach()
-        outputs[module] = output
+        i, x = index[module], args[0].detach()
+
+        def on_grad(dy: torch.Tensor) -> None:
+            g = torch.einsum("nto,nti->noi", dy.float(), x.float()).flatten(1)
+            grads[i] = g if project is None else project(i, g)
+
+        output.register_hook(on_grad)
 
     handles = [t.module.register_forward_hook(keep) for t in targets]
     try:
@@ -43,30 +59,28 @@ def per_sample_grads(
             hidden = cache.hidden.detach().requires_grad_(True)
             h = split.top_hidden(cache, hidden)
             losses, dh = split.losses_and_head_grad(h, cache)
-            modules = [t.module for t in targets]
-            dys = torch.autograd.grad(h, [outputs[m] for m in modules], grad_outputs=dh)
+            torch.autograd.backward(h, grad_tensors=dh, inputs=[hidden])
     finally:
         for handle in handles:
             handle.remove()
-    grads = [
-        torch.einsum("nto,nti->noi", dy.float(), inputs[m].float()).flatten(1)
-        for m, dy in zip(modules, dys)
-    ]
+    missing = [targets[i].name for i, g in enumerate(grads) if g is None]
+    if missing:
+        raise RuntimeError(f"no gradient reached {missing[:3]}: are they on the loss's path?")
     return grads, losses.detach()
 
 
 def exact_sketch(
-    split: LayerSplit,
-    cache: PrefixCache,
-    targets: list[SketchTarget],
-    *,
-    max_dim: int,
-    seed: int,
-) -> tuple[DenseSketch, torch.Tensor]:
-    """All targets' per-sample gradients side by side; count-sketched when over ``max_dim``."""
-    grads, losses = per_sample_grads(split, cache, targets)
-    total = sum(g.shape[1] for g in grads)
-    if total <= max_dim:
-        return DenseSketch(torch.cat(grads, dim=1)), losses
-    projected = sum(count_sketch(g, max_dim, seed, i) for i, g in enumerate(grads))
-    return DenseSketch(projected), losses
+    split: LayerSplit, caches: Iterable[PrefixCache], targets: list[SketchTarget], *, dim: int, seed: int
+) -> DenseSketch:
+    """All targets' per-sample gradients side by side, one chunk of samples per cache.
+
+    When they have more than ``dim`` coordinates in all, each target's gradient is
+    count-sketched as soon as it is formed and the projections are summed: ``[N, dim]``.
+    """
+    total = sum(t.numel for t in targets)
+    project = None if total <= dim else (lambda i, g: count_sketch(g, dim, seed, i))
+    rows = []
+    for cache in caches:
+        grads, _ = per_sample_grads(split, cache, targets, project)
+        rows.append(torch.cat(grads, dim=1) if project is None else torch.stack(grads).sum(0))
+    return DenseSketch(torch.cat(rows))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from colm_server.data.collate import Batch
+from colm_server.model.load import decoder_layers
 from colm_server.model.split import LayerSplit, PrefixCache
 from colm_server.select.config import SelectorConfig
 from colm_server.select.exact import exact_sketch
@@ -15,29 +18,34 @@ from colm_server.select.zo import zo_sketch
 
 
 class Scorer:
-    """Runs the frozen model on a large batch: the prefix once, then the top layers."""
+    """Runs the frozen model on a large batch: the prefix once, then the sketched layers."""
 
     def __init__(self, model: nn.Module, config: SelectorConfig):
-        self.config = config
-        self.split = LayerSplit(model, config.sketch_layers, chunk_tokens=config.chunk_tokens)
+        self.config = config.scoring()
+        layers = self.config.sketch_layers or len(decoder_layers(model))
+        self.split = LayerSplit(model, layers, chunk_tokens=self.config.chunk_tokens)
         self.targets = sketch_targets(
-            self.split.top, params=config.sketch_params, probe_module=config.probe_module
+            self.split.top, params=self.config.sketch_params, probe_module=self.config.probe_module
         )
 
     def prefix(self, batch: Batch) -> PrefixCache:
-        """Run the model up to the top layers once for `batch`."""
+        """Run the model up to the sketched layers once for `batch`."""
         return self.split.prefix(batch.input_ids, batch.attention_mask, batch.labels)
+
+    def chunks(self, batch: Batch) -> Iterator[PrefixCache]:
+        """Prefix caches of consecutive chunks of ``sketch_chunk`` samples, made one at a time."""
+        size = self.config.sketch_chunk
+        for start in range(0, len(batch), size):
+            yield self.prefix(batch.subset(list(range(start, min(start + size, len(batch))))))
 
     def sketch(self, batch: Batch, step: int) -> Sketch:
         """Per-sample gradient sketch of the batch at the current weights."""
         cfg = self.config
-        cache = self.prefix(batch)
         if cfg.sketch == "zo":
-            return zo_sketch(self.split, cache, self.targets, probes=cfg.zo_probes,
+            return zo_sketch(self.split, self.prefix(batch), self.targets, probes=cfg.zo_probes,
                              eps=cfg.zo_eps, seed=cfg.seed, step=step)
-        sketch, _ = exact_sketch(self.split, cache, self.targets,
-                                 max_dim=cfg.sketch_max_dim, seed=cfg.seed)
-        return sketch
+        return exact_sketch(self.split, self.chunks(batch), self.targets,
+                            dim=cfg.sketch_dim, seed=cfg.seed)
 
     @torch.inference_mode()
     def losses(self, batch: Batch) -> torch.Tensor:

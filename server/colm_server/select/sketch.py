@@ -24,6 +24,10 @@ class Sketch:
         """Return ``G[:, idx]`` as a float32 tensor ``[num_samples, len(idx)]``."""
         raise NotImplementedError
 
+    def features(self) -> torch.Tensor:
+        """A compact ``[num_samples, d]`` matrix whose euclidean distances stand for ``G``'s."""
+        return self.columns(slice(None))
+
     def blocks(self, block: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(cols, G[:, cols])`` for consecutive column blocks of width ``block``."""
         for start in range(0, self.dim, block):
@@ -63,3 +67,8 @@ class LowRankSketch(Sketch):
     def columns(self, idx: torch.Tensor | slice) -> torch.Tensor:
         k = self.directions.shape[0]
         return (self.coeffs.float() @ self.directions[:, idx].float()) / k
+
+    def features(self) -> torch.Tensor:
+        """The coefficients themselves: a Gaussian random projection of the gradients, so their
+        distances are ``G``'s up to a common scale, without expanding to ``D`` coordinates."""
+        return self.coeffs.float()

@@ -78,8 +78,12 @@ def loss(ctx: SelectionContext) -> Picked:
 
 
 def colm(ctx: SelectionContext) -> Picked:
-    """CoLM: small sources kept, facility location on sparsified normalised sketches per source."""
-    cfg = ctx.config
+    """CoLM: small sources kept, facility location per large source on gradient sketches.
+
+    The features are the sketch as it is (``sketch.features()``), unless the paper's chain is
+    on: Adam-like per-sample normalisation and/or top-|mean| sparsification per source.
+    """
+    cfg = ctx.config.scoring()
     picked: list[Picked] = []
     clustered: dict[str, torch.Tensor] = {}
     for s, rows in ctx.groups.items():
@@ -96,24 +100,37 @@ def colm(ctx: SelectionContext) -> Picked:
     sketch = ctx.sketch()
     t1 = time.perf_counter()
     normalizer = ctx.normalizer if cfg.normalize else None
-    groups = list(clustered.values())
-    coords = top_coordinates(sketch, normalizer, groups, cfg.zo_dim, cfg.block)
+    if normalizer is None and not cfg.sparsify:
+        feats = sketch.features()
+        per_source = [feats[rows.to(feats.device)] for rows in clustered.values()]
+    else:
+        per_source = _paper_features(sketch, normalizer, list(clustered.values()), cfg)
     t2 = time.perf_counter()
-    for (s, rows), cols in zip(clustered.items(), coords):
-        feats = gather_features(sketch, normalizer, rows.to(sketch.device), cols)
-        order, counts = facility_location(pairwise_similarity(feats, cfg.similarity),
-                                          ctx.allocation[s])
+    for (s, rows), x in zip(clustered.items(), per_source):
+        order, counts = facility_location(pairwise_similarity(x, cfg.similarity), ctx.allocation[s])
         picked.append((rows[order.cpu()], counts.cpu().float()))
     t3 = time.perf_counter()
     rows, weights = _cat(picked)
     if normalizer is not None:
         normalizer.update(sketch, rows.to(sketch.device), cfg.block)
-    ctx.timings.update(sketch=t1 - t0, sparsify=t2 - t1, facility=t3 - t2)
+    ctx.timings.update(sketch=t1 - t0, features=t2 - t1, facility=t3 - t2)
     return rows, weights
+
+
+def _paper_features(sketch: Sketch, normalizer: AdamNormalizer | None,
+                    groups: list[torch.Tensor], cfg: SelectorConfig) -> list[torch.Tensor]:
+    """Per group: (normalised) sketch coordinates, only the ``zo_dim`` top-|mean| ones if sparsifying."""
+    if cfg.sparsify:
+        coords = top_coordinates(sketch, normalizer, groups, cfg.zo_dim, cfg.block)
+    else:
+        coords = [torch.arange(sketch.dim, device=sketch.device)] * len(groups)
+    return [gather_features(sketch, normalizer, rows.to(sketch.device), cols)
+            for rows, cols in zip(groups, coords)]
 
 
 STRATEGIES: dict[str, Callable[[SelectionContext], Picked]] = {
     "colm": colm,
+    "colm-paper": colm,  # the same chain; SelectorConfig.scoring() fixes the paper's settings
     "random": random,
     "stratified": stratified,
     "loss": loss,
