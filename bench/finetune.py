@@ -7,8 +7,9 @@ number of optimizer steps with the same hyperparameters; they differ in what a s
 
     full-b        plain batches of b            full-2b     plain batches of 2b (= L)
     random        b of L, uniform               stratified  b of L, per-source proportional
-    colm-zo1      b of L, zo sketch K=1 (paper) colm-zo8    b of L, zo sketch K=8
-    colm-exact    b of L, exact last-layer sketch (the default)
+    colm          b of L, the default: exact sketch of every layer's LoRA gradient (D=1024)
+    colm-zo1      b of L, CoLM as published     colm-zo8    the same with K=8 probes
+    colm-exact    b of L, the former default (exact top-layer sketch, the paper's chain)
 
 and each is scored on the held-out split: loss per source (macro and micro averages) and
 exact match of greedily decoded final answers on a fixed subset, with wall time, peak memory
@@ -52,15 +53,19 @@ RUNS: dict[str, dict] = {
     "full-2b": {"strategy": "full"},
     "random": {"strategy": "random"},
     "stratified": {"strategy": "stratified"},
-    "colm-zo1": {"strategy": "colm", "sketch": "zo", "zo_probes": 1, "sketch_params": "probe"},
-    "colm-zo8": {"strategy": "colm", "sketch": "zo", "zo_probes": 8, "sketch_params": "probe"},
-    "colm-exact": {"strategy": "colm", "sketch": "exact"},
+    "colm": {"strategy": "colm"},
+    # The paper's chain (Adam-like normalisation, sparsification, l1) on top-layer sketches.
+    "colm-zo1": {"strategy": "colm-paper"},
+    "colm-zo8": {"strategy": "colm", "sketch": "zo", "zo_probes": 8, "sketch_params": "probe",
+                 "sketch_layers": 1, "normalize": True, "sparsify": True, "similarity": "l1"},
+    "colm-exact": {"strategy": "colm", "sketch": "exact", "sketch_layers": 1, "sketch_dim": 1 << 20,
+                   "normalize": True, "sparsify": True, "similarity": "l1"},
 }
 # colm-exact with one part of CoLM taken away (--runs ... --tag ablations); not run by default.
 ABLATIONS: dict[str, dict] = {
     "colm-exact-no-small-keeping": {**RUNS["colm-exact"], "keep_small": False},
     "colm-exact-no-normalisation": {**RUNS["colm-exact"], "normalize": False},
-    "colm-exact-no-sparsification": {**RUNS["colm-exact"], "zo_dim": 1 << 30},  # keeps every coordinate
+    "colm-exact-no-sparsification": {**RUNS["colm-exact"], "sparsify": False},
     "colm-exact-uniform-weights": {**RUNS["colm-exact"], "weighting": "uniform"},
 }
 ALL_RUNS = {**RUNS, **ABLATIONS}
@@ -250,9 +255,8 @@ def targets(of: dict[str, list[Outcome]], small: list[str]) -> list[str]:
         for other, relation in (("random", "<"), ("stratified", "<"), ("full-b", "<"), ("full-2b", "<=")):
             if other in of:
                 mine, theirs, seeds = common_seeds(of[r], of[other])
-                met = mine < theirs if relation == "<" else mine <= theirs
                 out.append(f"- {r} macro loss {mine:.4f} {relation} {other} {theirs:.4f}{seeds}: "
-                           f"**{'met' if met else 'missed'}**{paired(of[r], of[other])}")
+                           f"**{verdict(of[r], of[other])}**{paired(of[r], of[other])}")
     if "full-b" in of and "full-2b" in of:
         peak = {r: max(o.job.trainer_peak_device or o.job.trainer_peak_rss for o in of[r])
                 for r in ("full-b", "full-2b")}
@@ -293,15 +297,32 @@ def common_seeds(runs: list[Outcome], others: list[Outcome]) -> tuple[float, flo
     return mine, theirs, "" if everything else f" (seeds {seeds})"
 
 
-def paired(runs: list[Outcome], others: list[Outcome]) -> str:
-    """`` (paired over n seeds: d ± se, resolved|within noise)`` for seeds both have; '' for fewer than 2."""
+def paired_diffs(runs: list[Outcome], others: list[Outcome]) -> tuple[float, float, int]:
+    """Mean and standard error of the macro-loss differences on the seeds both have, and their count."""
     by_seed = {o.seed: o.macro for o in others}
     diffs = [o.macro - by_seed[o.seed] for o in runs if o.seed in by_seed]
     if len(diffs) < 2:
+        return (diffs[0] if diffs else float("nan")), float("nan"), len(diffs)
+    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
+def verdict(runs: list[Outcome], others: list[Outcome]) -> str:
+    """'met' / 'missed' only when the paired difference is beyond 2 SE; else 'within noise'."""
+    mean, se, n = paired_diffs(runs, others)
+    if n < 2:
+        return "unresolved (one seed)"
+    if abs(mean) <= 2 * se:
+        return "within noise"
+    return "met" if mean < 0 else "missed"
+
+
+def paired(runs: list[Outcome], others: list[Outcome]) -> str:
+    """`` (paired over n seeds: d ± se, resolved|within noise)`` for seeds both have; '' for fewer than 2."""
+    mean, se, n = paired_diffs(runs, others)
+    if n < 2:
         return ""
-    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    verdict = "resolved" if abs(mean) > 2 * se else "within noise"
-    return f" (paired over {len(diffs)} seeds: {mean:+.4f} ± {se:.4f}, {verdict})"
+    resolved = "resolved" if abs(mean) > 2 * se else "within noise"
+    return f" (paired over {n} seeds: {mean:+.4f} ± {se:.4f}, {resolved})"
 
 
 def merge(results: list[dict]) -> dict:
