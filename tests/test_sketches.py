@@ -7,7 +7,9 @@ import torch
 
 from colm_server.model.split import LayerSplit
 from colm_server.model.tiny import tiny_model
+from colm_server.select import SelectorConfig
 from colm_server.select.exact import count_sketch, exact_sketch, per_sample_grads
+from colm_server.select.scoring import Scorer
 from colm_server.select.targets import sketch_targets
 from colm_server.select.zo import probe_directions, zo_sketch
 from conftest import lora_model
@@ -36,10 +38,11 @@ def setup(model, batch, layers=1, params="probe"):
     return split, cache, sketch_targets(split.top, params=params, probe_module="v_proj")
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_zo_matches_autograd_directional_derivatives(lora, batch):
+@pytest.mark.parametrize("lora,layers,params", [(True, 1, "probe"), (False, 1, "probe"),
+                                                 (True, 2, "adapter")])
+def test_zo_matches_autograd_directional_derivatives(lora, layers, params, batch):
     model = lora_model("llama") if lora else tiny_model("llama", num_layers=2)
-    split, cache, targets = setup(model, batch)
+    split, cache, targets = setup(model, batch, layers=layers, params=params)
     before = [t.module.weight.detach().clone() for t in targets]
     sketch = zo_sketch(split, cache, targets, probes=4, eps=1e-3, seed=3, step=7)
     # Bitwise restored: not merely close.
@@ -123,3 +126,11 @@ def test_count_sketch_keeps_distances_in_expectation():
     proj = count_sketch(x, out_dim=512, seed=3, offset=0)
     ratio = torch.pdist(proj) / torch.pdist(x)
     assert ((ratio - 1).abs() < 0.25).all(), ratio
+
+
+def test_chunk_size_does_not_change_the_sketch(batch):
+    model = lora_model("llama")
+    sketches = [Scorer(model, SelectorConfig(batch_size=4, large_batch_size=16, sketch_dim=40,
+                                             sketch_chunk=c)).sketch(batch, step=0).grads
+                for c in (3, 16)]
+    torch.testing.assert_close(sketches[0], sketches[1], rtol=1e-4, atol=1e-6)
