@@ -54,6 +54,7 @@ MODEL_METHODS: dict[str, dict] = {
     "colm-paper (zo K=1 on last v_proj)": dict(strategy="colm-paper"),
     "exact, top 4 layers, D=1024": dict(strategy="colm", sketch_layers=4),
     "exact, all layers, D=1024 (default)": dict(strategy="colm"),
+    "activations, all layers, D=1024 (forward only)": dict(strategy="colm", sketch="activations"),
 }
 DEFAULT = "exact, all layers, D=1024 (default)"
 # Rows computed from the exact gradients g of the batch, with the projection the selector uses.
@@ -198,6 +199,8 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
     depth = len(decoder_layers(model))  # --tiny models have fewer layers than some sketches
     selectors = {}
     for name, over in MODEL_METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
         over = {**over, "sketch_layers": min(over.get("sketch_layers", 0), depth)}
         cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, seed=args.seed, **over)
         selectors[name] = build_selector(model, cfg)
@@ -212,7 +215,7 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
         print(f"  [{label}] warm-up {t + 1}/{args.warmup}", flush=True)
     zo_names = {k: f"zo, all layers, K={k} (eps->0 limit from g)" for k in ZO_PROBES}
     proj_names = {d: f"exact, all layers, D={d} (projected from g)" for d in PROJECTED_DIMS}
-    names = [*MODEL_METHODS, *proj_names.values(), *zo_names.values(), *DRAWN, REFERENCE]
+    names = [*selectors, *proj_names.values(), *zo_names.values(), *DRAWN, REFERENCE]
     records = {name: Record() for name in names}
     scale = v.sqrt() + 1e-8
     for i, t in enumerate(range(args.warmup, args.warmup + args.batches)):
@@ -352,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--draws", type=int, default=100, help="draws of stratified and random per batch")
     p.add_argument("--zo-check", action=argparse.BooleanOptionalAction, default=True,
                    help="run real zo over all layers on one batch per state")
+    p.add_argument("--methods", nargs="+", choices=MODEL_METHODS, metavar="NAME",
+                   help=f"run only these selector rows (default: all of {list(MODEL_METHODS)})")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -8,6 +8,7 @@ import torch
 from colm_server.model.split import LayerSplit
 from colm_server.model.tiny import tiny_model
 from colm_server.select import SelectorConfig
+from colm_server.select.activations import activation_sketch, mean_inputs
 from colm_server.select.exact import count_sketch, exact_sketch, per_sample_grads
 from colm_server.select.scoring import Scorer
 from colm_server.select.targets import sketch_targets
@@ -134,3 +135,18 @@ def test_chunk_size_does_not_change_the_sketch(batch):
                                              sketch_chunk=c)).sketch(batch, step=0).grads
                 for c in (3, 16)]
     torch.testing.assert_close(sketches[0], sketches[1], rtol=1e-4, atol=1e-6)
+
+
+def test_activation_sketch_holds_each_samples_mean_input_of_the_lora_matrices(batch):
+    """q, k and v share one input (the normed hidden states): it appears once, as the mean over
+    the positions where the loss is taken; o_proj's and the four B matrices' inputs follow."""
+    split, cache, targets = setup(lora_model("llama"), batch, layers=1, params="adapter")
+    parts = mean_inputs(split, cache, targets)
+    assert len(parts) == 6
+    with torch.no_grad():
+        normed = split.top[0].input_layernorm(cache.hidden)[cache.rows, cache.positions]
+    want = torch.zeros(len(batch), normed.shape[1]).index_add_(0, cache.rows, normed)
+    want /= cache.token_counts.clamp(min=1)[:, None]
+    torch.testing.assert_close(parts[0], want)
+    sketch = activation_sketch(split, [cache], targets, dim=24, seed=1)
+    torch.testing.assert_close(sketch.grads, sum(count_sketch(x, 24, 1, i) for i, x in enumerate(parts)))

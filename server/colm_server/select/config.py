@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from colm_server.select.facility import SIMILARITIES
 
 STRATEGIES = ("colm", "colm-paper", "random", "stratified", "loss", "full")
-SKETCHES = ("zo", "exact")
+SKETCHES = ("exact", "zo", "activations")
 SKETCH_PARAMS = ("probe", "adapter")
 WEIGHTINGS = ("cluster", "uniform")
 
@@ -35,7 +35,8 @@ class SelectorConfig:
     sketch: str = field(
         default="exact",
         **_help("per-sample gradient sketch: 'exact' (one chunked backward, projected to "
-                "sketch_dim) or 'zo' (zeroth-order probes: 2*zo_probes forwards, no backward)"),
+                "sketch_dim), 'zo' (zeroth-order probes: 2*zo_probes forwards, no backward) or "
+                "'activations' (mean inputs of the LoRA matrices: one forward, no backward)"),
     )
     sketch_params: str = field(
         default="adapter",

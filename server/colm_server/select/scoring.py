@@ -10,6 +10,7 @@ from torch import nn
 from colm_server.data.collate import Batch
 from colm_server.model.load import decoder_layers
 from colm_server.model.split import LayerSplit, PrefixCache
+from colm_server.select.activations import activation_sketch
 from colm_server.select.config import SelectorConfig
 from colm_server.select.exact import exact_sketch
 from colm_server.select.sketch import Sketch
@@ -44,8 +45,8 @@ class Scorer:
         if cfg.sketch == "zo":
             return zo_sketch(self.split, self.prefix(batch), self.targets, probes=cfg.zo_probes,
                              eps=cfg.zo_eps, seed=cfg.seed, step=step)
-        return exact_sketch(self.split, self.chunks(batch), self.targets,
-                            dim=cfg.sketch_dim, seed=cfg.seed)
+        build = activation_sketch if cfg.sketch == "activations" else exact_sketch
+        return build(self.split, self.chunks(batch), self.targets, dim=cfg.sketch_dim, seed=cfg.seed)
 
     @torch.inference_mode()
     def losses(self, batch: Batch) -> torch.Tensor:
