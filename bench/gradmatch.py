@@ -36,7 +36,7 @@ from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
 from colm_server.select.exact import count_sketch
 from colm_server.select.facility import facility_location, pairwise_similarity
-from colm_server.select.metrics import adapter_grads, adapter_targets, matching_error
+from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.normalize import AdamNormalizer
 from colm_server.select.selector import group_rows
 from colm_server.select.strategies import STRATEGIES, SelectionContext
@@ -108,7 +108,7 @@ def fl_selection(feats: torch.Tensor, groups: dict[str, torch.Tensor], alloc: di
     return torch.cat(rows), torch.cat(weights)
 
 
-def drawn_errors(strategy: str, cfg: SelectorConfig, groups, alloc, small, grads: list[torch.Tensor],
+def drawn_errors(strategy: str, cfg: SelectorConfig, groups, alloc, small, grads: list[GramMatching],
                  draws: int, seed: int) -> list[tuple[float, float]]:
     """Mean (own-weight, uniform-weight) error over ``draws`` draws of a model-free strategy, per
     gradient matrix of ``grads``."""
@@ -122,8 +122,8 @@ def drawn_errors(strategy: str, cfg: SelectorConfig, groups, alloc, small, grads
                                sketch=no_model, losses=no_model, normalizer=AdamNormalizer())
         rows, w = STRATEGIES[strategy](ctx)
         for acc, g in zip(sums, grads):
-            acc[0] += matching_error(g, rows, w)
-            acc[1] += matching_error(g, rows, torch.ones_like(w))
+            acc[0] += g(rows, w)
+            acc[1] += g(rows, torch.ones_like(w))
     return [(a / draws, u / draws) for a, u in sums]
 
 
@@ -177,13 +177,13 @@ def summarize(name: str, rec: Record, base: Record, ref: Record) -> dict:
     return out
 
 
-def record(rec: Record, g: torch.Tensor, g_adam: torch.Tensor, rows: torch.Tensor,
+def record(rec: Record, err: GramMatching, err_adam: GramMatching, rows: torch.Tensor,
            w: torch.Tensor) -> None:
     ones = torch.ones_like(w)
-    rec.err.append(matching_error(g, rows, w))
-    rec.err_uniform.append(matching_error(g, rows, ones))
-    rec.err_adam.append(matching_error(g_adam, rows, w))
-    rec.err_adam_uniform.append(matching_error(g_adam, rows, ones))
+    rec.err.append(err(rows, w))
+    rec.err_uniform.append(err(rows, ones))
+    rec.err_adam.append(err_adam(rows, w))
+    rec.err_adam_uniform.append(err_adam(rows, ones))
 
 
 def projected(g: torch.Tensor, sizes: list[int], dim: int, seed: int) -> torch.Tensor:
@@ -193,7 +193,7 @@ def projected(g: torch.Tensor, sizes: list[int], dim: int, seed: int) -> torch.T
 
 
 def run_state(label: str, model, collator: Collator, stream: list[dict], args, v: torch.Tensor,
-              source_counts: dict[str, int]) -> dict[str, Record]:
+              source_counts: dict[str, int], first_state: bool) -> dict[str, Record]:
     """Warm the selectors up, then score every method on `args.batches` large batches."""
     device = next(model.parameters()).device
     depth = len(decoder_layers(model))  # --tiny models have fewer layers than some sketches
@@ -222,6 +222,7 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
         batch = batches[t]
         g = adapter_grads(model, batch, args.micro)
         g_adam = g / scale
+        err, err_adam = GramMatching(g), GramMatching(g_adam)
         timed = i < args.timed_batches
         if timed:
             with torch.inference_mode():
@@ -229,7 +230,7 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
         small = None
         for name, sel in selectors.items():
             s, secs, mem = measure(partial(sel.select, batch, step=t), device)
-            record(records[name], g, g_adam, s.indices, s.weights)
+            record(records[name], err, err_adam, s.indices, s.weights)
             if timed:
                 records[name].time_ratio.append(secs / fwd_s)
                 records[name].mem_ratio.append(mem / max(fwd_mem, 1))
@@ -238,27 +239,26 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
         groups = group_rows(batch.sources)
         alloc = allocate_budget({s: len(r) for s, r in groups.items()}, args.b, small)
         for name in DRAWN:
-            (e, eu), (ea, eau) = drawn_errors(name, base_cfg, groups, alloc, small, [g, g_adam],
+            (e, eu), (ea, eau) = drawn_errors(name, base_cfg, groups, alloc, small, [err, err_adam],
                                               args.draws, seed=args.seed * 100_003 + t * 1_009)
             for key, val in zip(("err", "err_uniform", "err_adam", "err_adam_uniform"), (e, eu, ea, eau)):
                 getattr(records[name], key).append(val)
         for d, name in proj_names.items():
             rows, w = fl_selection(projected(g, sizes, d, args.seed), groups, alloc, small)
-            record(records[name], g, g_adam, rows, w)
+            record(records[name], err, err_adam, rows, w)
         for k, name in zo_names.items():
             coeffs = g @ probe_directions(g.shape[1], k, args.seed, t).T
             rows, w = fl_selection(coeffs, groups, alloc, small)
-            record(records[name], g, g_adam, rows, w)
-        for gg, key in ((g, "err"), (g_adam, "err_adam")):
+            record(records[name], err, err_adam, rows, w)
+        for gg, fn, key in ((g, err, "err"), (g_adam, err_adam, "err_adam")):
             rows, w = fl_selection(gg, groups, alloc, small)
-            getattr(records[REFERENCE], key).append(matching_error(gg, rows, w))
-            getattr(records[REFERENCE], f"{key}_uniform").append(
-                matching_error(gg, rows, torch.ones_like(w)))
+            getattr(records[REFERENCE], key).append(fn(rows, w))
+            getattr(records[REFERENCE], f"{key}_uniform").append(fn(rows, torch.ones_like(w)))
         errs = ", ".join(f"{n.split(' (')[0]} {r.err[-1]:.3f}" for n, r in records.items())
         print(f"  [{label}] batch {i + 1}/{args.batches}: {errs}", flush=True)
         if i == 0:
             g_first = g
-    if args.zo_check:
+    if args.zo_check and first_state:
         zo_check(label, model, batches[args.warmup], g_first, args, device, records, zo_names)
     return records
 
@@ -316,7 +316,7 @@ def markdown(results: dict[str, list[dict]], args, meta: dict) -> str:
              "gradients (what the chunked sketch computes, to float rounding; the D=1024 row runs "
              "the selector itself); 'eps->0 limit from g' rows use g . z_k for the same Gaussian "
              "probes z_k the zo sketch draws, i.e. the zo coefficients without finite-difference "
-             "error (one real zo run per state is checked against it below). Time and memory: "
+             "error (one real zo run on the first state is checked against it below). Time and memory: "
              f"ratios to one plain inference forward of the same L samples (all logits), measured "
              f"side by side on the first {args.timed_batches} batches (memory: peak RSS growth on "
              "CPU, peak allocation on GPU); 'not run' where no selector ran.", ""]
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--timed-batches", type=int, default=4, help="batches whose cost is measured")
     p.add_argument("--draws", type=int, default=100, help="draws of stratified and random per batch")
     p.add_argument("--zo-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="run real zo over all layers on one batch per state")
+                   help="run real zo over all layers on one batch of the first state")
     p.add_argument("--methods", nargs="+", choices=MODEL_METHODS, metavar="NAME",
                    help=f"run only these selector rows (default: all of {list(MODEL_METHODS)})")
     p.add_argument("--train-steps", type=int, default=20)
@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             for n, p in model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
-        recs = run_state(label, model, collator, stream, args, v, source_counts)
+        recs = run_state(label, model, collator, stream, args, v, source_counts,
+                         first_state=not results)
         base_rec, ref = recs["stratified"], recs[REFERENCE]
         results[label] = [summarize(n, r, base_rec, ref) for n, r in recs.items()]
 
