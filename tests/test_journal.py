@@ -25,6 +25,7 @@ def rank_batch(step: int, rank: int, n: int = 3) -> RankBatch:
         tokens=torch.tensor([t for row in tokens for t in row], dtype=torch.int32),
         lengths=[len(row) for row in tokens],
         prompt_lens=[1, 2, 0][:n],
+        step_weight_sum=10 + step / 3,  # the step's, the same on every rank
     )
 
 
@@ -69,6 +70,19 @@ def test_round_trip_and_reopen(tmp_path):
     assert_state_equal(reopened.state(), service_state(4))
     commit_steps(reopened, range(5, 6), world=3)  # and it continues where it was
     assert reopened.read(5, 2) == rank_batch(5, 2)
+
+
+def test_a_step_file_from_before_the_steps_total_weight_gets_it_from_every_ranks_weights(tmp_path):
+    commit_steps(Journal(tmp_path), range(2), world=3)
+    path = tmp_path / "journal" / f"step-{1:012d}.pt"
+    data = torch.load(path, weights_only=True)
+    for d in data["ranks"]:
+        del d["step_weight_sum"]
+    torch.save(data, path)
+    reopened = Journal(tmp_path)
+    total = sum(sum(rank_batch(1, r).weights) for r in range(3))
+    assert [reopened.read(1, r).step_weight_sum for r in range(3)] == [pytest.approx(total, rel=1e-12)] * 3
+    assert reopened.read(0, 2) == rank_batch(0, 2)  # a file that has it keeps its own
 
 
 def test_out_of_order_and_bad_batches_refused(tmp_path):

@@ -86,6 +86,10 @@ def test_every_rank_gets_b_samples_per_step_in_order(server):
         assert all(b.step == step and len(b.ids) == B for b in per_rank)
         ids = [i for b in per_rank for i in b.ids]
         assert len(set(ids)) == W * B  # disjoint across ranks
+        # Every rank is told the step's total weight: the sum over all ranks, not its own.
+        total = sum(b.weights.double().sum().item() for b in per_rank)
+        assert len({b.step_weight_sum for b in per_rank}) == 1
+        assert per_rank[0].step_weight_sum == pytest.approx(total, rel=1e-6)
         for b in per_rank:
             assert (b.weights > 0).all()
             assert b.input_ids.shape == b.labels.shape == b.attention_mask.shape

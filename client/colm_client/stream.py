@@ -27,7 +27,12 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 @dataclass
 class CoresetBatch:
-    """One step's share for this rank; tensors are None when the rank asked for ids only."""
+    """One step's share for this rank; tensors are None when the rank asked for ids only.
+
+    ``step_weight_sum`` is the sum of every rank's weights of this step, for
+    ``weighted_loss(..., total_weight=batch.step_weight_sum)``; None from a selector that does
+    not send it (the loss then normalises by this rank's weights).
+    """
 
     step: int
     epoch: int
@@ -38,6 +43,7 @@ class CoresetBatch:
     input_ids: torch.Tensor | None
     labels: torch.Tensor | None
     attention_mask: torch.Tensor | None
+    step_weight_sum: float | None = None
 
     @classmethod
     def from_message(cls, msg: pb.CoresetBatch) -> CoresetBatch:
@@ -47,7 +53,9 @@ class CoresetBatch:
         }
         return cls(step=msg.step, epoch=msg.epoch, ids=list(msg.ids),
                    weights=torch.tensor(list(msg.weights), dtype=torch.float32),
-                   sources=list(msg.sources), param_version=msg.param_version, **tensors)
+                   sources=list(msg.sources), param_version=msg.param_version,
+                   step_weight_sum=msg.step_weight_sum or None,  # 0: an older selector, unknown
+                   **tensors)
 
 
 class CoresetStreamError(RuntimeError):

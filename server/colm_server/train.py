@@ -3,7 +3,9 @@
     colm-train --model smollm2 --selector selector:50051 --steps 1000 --output-dir runs/a
     torchrun --nproc-per-node 8 -m colm_server.train --model /models/llama --selector ... --steps 1000
 
-Each rank pulls its own coreset stream; the loss is the coreset's weighted loss. Rank 0 saves
+Each rank pulls its own coreset stream; the loss is the coreset's weighted loss, normalised under DDP
+by the step's total weight over all ranks (a rank's logged loss is then its share of the step's loss
+times the world size: the mean over ranks is the step's weighted loss). Rank 0 saves
 `checkpoint-<step>/` (adapter, optimizer, scheduler, step) and pushes the adapter to the selector.
 Resume policy: a restart loads the latest complete checkpoint and rejoins the stream at its step + 1,
 so steps trained after that checkpoint are trained again (the ledger then holds them twice; the last
@@ -169,7 +171,10 @@ def train(args: argparse.Namespace) -> dict:
             with autocast:
                 logits = model(input_ids=batch.input_ids.to(device),
                                attention_mask=batch.attention_mask.to(device)).logits
-            loss = weighted_loss(logits, batch.labels.to(device), batch.weights.to(device))
+            # Under DDP the step's total weight over all ranks normalises, so the averaged gradient
+            # is the whole step's weighted mean; an independent rank trains on its own share.
+            loss = weighted_loss(logits, batch.labels.to(device), batch.weights.to(device),
+                                 batch.step_weight_sum if ddp else None, world_size=world)
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

@@ -47,7 +47,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CoresetBatch(_message.Message):
-    __slots__ = ("step", "rank", "epoch", "ids", "weights", "sources", "param_version", "input_ids", "labels", "attention_mask")
+    __slots__ = ("step", "rank", "epoch", "ids", "weights", "sources", "param_version", "input_ids", "labels", "attention_mask", "step_weight_sum")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class CoresetBatch(_message.Message):
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    STEP_WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
     epoch: int
@@ -68,7 +69,8 @@ class CoresetBatch(_message.Message):
     input_ids: Tensor
     labels: Tensor
     attention_mask: Tensor
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[str]] = ..., param_version: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    step_weight_sum: float
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[str]] = ..., param_version: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., step_weight_sum: _Optional[float] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "shape", "dtype", "nbytes")

@@ -16,6 +16,8 @@ class RankBatch:
     Tokens are kept unpadded and flat (``tokens``: every sample's prompt then response,
     back to back, int32) with each sample's length and prompt length, which is all a
     collated row holds: labels are the tokens after the prompt, the mask covers the tokens.
+    ``step_weight_sum`` is the sum of the weights of every rank's batch of the step (the same on
+    each rank), what a data-parallel trainer normalises by; 0.0 when unknown.
     """
 
     step: int
@@ -28,12 +30,13 @@ class RankBatch:
     tokens: torch.Tensor  # [sum(lengths)] int32
     lengths: list[int]
     prompt_lens: list[int]
+    step_weight_sum: float = 0.0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RankBatch):
             return NotImplemented
         plain = ("step", "rank", "epoch", "param_version", "ids", "sources", "weights", "lengths",
-                 "prompt_lens")
+                 "prompt_lens", "step_weight_sum")
         return all(getattr(self, f) == getattr(other, f) for f in plain) and torch.equal(
             self.tokens, other.tokens)
 

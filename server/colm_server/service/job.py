@@ -136,6 +136,7 @@ class Job:
         elapsed = time.perf_counter() - started
         chosen = sel.indices.tolist()
         weight_of = dict(zip(chosen, sel.weights.tolist()))
+        step_weight_sum = sum(weight_of[i] for i in chosen)  # every rank's, sent to each rank
         counts = batch.token_counts().tolist()
         dealt = deal(chosen, [counts[i] for i in chosen], self.world_size)
         epoch = int(records[-1].get("epoch", 0)) if records else 0
@@ -146,7 +147,7 @@ class Job:
                 step=step, rank=r, epoch=epoch, param_version=self.param_version,
                 ids=[batch.ids[i] for i in rows], sources=[batch.sources[i] for i in rows],
                 weights=[weight_of[i] for i in rows], tokens=tokens, lengths=lengths,
-                prompt_lens=prompt_lens,
+                prompt_lens=prompt_lens, step_weight_sum=step_weight_sum,
             ))
         truncated = self.truncated + batch.num_truncated
         seen, selected = dict(self.source_seen), dict(self.source_selected)

@@ -87,10 +87,11 @@ def _pack(rb: RankBatch) -> dict:
         "tokens": rb.tokens.to(torch.int32).contiguous(),
         "lengths": torch.tensor(rb.lengths, dtype=torch.int64),
         "prompt_lens": torch.tensor(rb.prompt_lens, dtype=torch.int32),
+        "step_weight_sum": float(rb.step_weight_sum),
     }
 
 
-def _unpack(step: int, d: dict) -> RankBatch:
+def _unpack(step: int, d: dict, step_weight_sum: float) -> RankBatch:
     return RankBatch(
         step=step,
         rank=d["rank"],
@@ -102,7 +103,15 @@ def _unpack(step: int, d: dict) -> RankBatch:
         tokens=d["tokens"],
         lengths=d["lengths"].tolist(),
         prompt_lens=d["prompt_lens"].tolist(),
+        step_weight_sum=float(d.get("step_weight_sum", step_weight_sum)),
     )
+
+
+def _unpack_step(step: int, packed: list[dict]) -> dict[int, RankBatch]:
+    """Every rank's batch of a step file, by rank. A file written before batches carried the step's
+    total weight gets it from the step itself: the sum of every rank's weights."""
+    total = float(sum(d["weights"].sum() for d in packed))
+    return {d["rank"]: _unpack(step, d, total) for d in packed}
 
 
 class Journal:
@@ -193,7 +202,7 @@ class Journal:
             self._last = step
             self._first = step if self._first is None else self._first
             # Cache what a reader after a restart would get, not the caller's (mutable) objects.
-            self._remember(step, {d["rank"]: _unpack(step, d) for d in packed})
+            self._remember(step, _unpack_step(step, packed))
             self._prune()
 
     def _remember(self, step: int, batches: dict[int, RankBatch]) -> None:
@@ -215,7 +224,7 @@ class Journal:
             batches = self._cache.get(step)
             if batches is None:
                 data = torch.load(_step_path(self.root, step), weights_only=True)
-                batches = {d["rank"]: _unpack(step, d) for d in data["ranks"]}
+                batches = _unpack_step(step, data["ranks"])
                 self._remember(step, batches)
             else:
                 self._cache.move_to_end(step)

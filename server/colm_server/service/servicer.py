@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 def to_message(rb: RankBatch, pad_id: int, ids_only: bool) -> pb.CoresetBatch:
     msg = pb.CoresetBatch(step=rb.step, rank=rb.rank, epoch=rb.epoch, ids=rb.ids,
-                          weights=rb.weights, sources=rb.sources, param_version=rb.param_version)
+                          weights=rb.weights, sources=rb.sources, param_version=rb.param_version,
+                          step_weight_sum=rb.step_weight_sum)
     if not ids_only:  # int32 on the wire: a third of the bytes of int64; the client widens
         input_ids, labels, mask = rb.padded(pad_id)
         msg.input_ids.CopyFrom(to_proto(input_ids))
