@@ -90,6 +90,7 @@ def pki(tmp_path_factory) -> SimpleNamespace:
 def token_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("secret") / "token"
     path.write_text(TOKEN + "\n")  # stripped when read
+    path.chmod(0o600)
     return str(path)
 
 
@@ -197,6 +198,26 @@ def test_colm_train_sends_the_token_from_its_token_file(token_server, token_file
                                "--steps", "2", "--output-dir", str(tmp_path / "run"), "--push-every", "1",
                                "--token-file", token_file]))
     assert result["steps"] == 2 and token_server.job.param_version == before + 2
+
+
+@pytest.mark.parametrize("mode,warned", [(0o644, True), (0o640, True), (0o600, False), (0o400, False)])
+def test_a_token_file_open_to_group_or_others_is_used_with_a_warning(tmp_path, caplog, mode, warned):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(mode)
+    caplog.set_level(logging.WARNING, logger="colm_server.service.auth")
+    srv = start_selector(tmp_path, auth_token_file=str(path))
+    try:
+        assert status(target(srv), token=TOKEN)["job_id"] == "default"  # accepted all the same
+    finally:
+        srv.stop(grace=1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "colm_server.service.auth"]
+    if warned:
+        assert warnings == [f"service.auth_token_file: {path} has mode {mode:04o}, open to group or others "
+                            f"on this machine; the token is a secret: chmod 600 {path}"]
+    else:
+        assert warnings == []
+    assert TOKEN not in caplog.text
 
 
 # --- TLS ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`colm-selector serve` as a real process: SIGTERM, a restart on the same work dir, bad configs.
+"""`colm-selector serve` as a real process: SIGTERM, a restart on the same work dir, bad configs, and a
+selector whose shards are gone (it never serves and exits non-zero).
 
 What a trainer rank sees when its selector stops (pinned by the tests below): batches already
 delivered to it still arrive, then its live stream ends with status UNAVAILABLE, details "selector
@@ -21,10 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from colm_client.status import SERVICE_NAME
 from colm_client.stream import CoresetStream
 from colm_server.config import fingerprint, load_config
 from colm_server.launch import SelectorProcess, free_port
@@ -277,4 +281,81 @@ def test_a_bad_config_exits_nonzero_naming_the_key(tmp_path, yaml_extra, overrid
     assert "serving on" not in done.stdout + done.stderr
     assert not work.exists()  # refused before anything was built
     with socket.socket() as s:  # and nothing is listening on its port
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_selector_whose_shards_are_missing_never_serves_and_exits_nonzero(tmp_path, procs):
+    config, overrides, _ = write_config(tmp_path)
+    shutil.rmtree(tmp_path / "shards")  # the job names shards that do not exist
+    sel = procs.selector(config, overrides, tmp_path / "selector.log", free_port())
+    deadline = time.monotonic() + START_TIMEOUT + EXIT_TIMEOUT  # load, fail, stop
+    answers = []
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    with grpc.insecure_channel(sel.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while sel.proc.poll() is None:
+            assert time.monotonic() < deadline, (
+                f"still running after {START_TIMEOUT + EXIT_TIMEOUT:.0f}s:\n{sel.log()}")
+            try:
+                answers.append(health_pb2.HealthCheckResponse.ServingStatus.Name(
+                    stub.Check(request, timeout=1.0, wait_for_ready=True).status))
+            except grpc.RpcError as err:  # not listening yet, or no longer
+                answers.append(err.code().name)
+            try:  # between two checks: wait on the process, not a sleep
+                sel.proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+    log = sel.log()
+    assert "SERVING" not in answers, (answers, log)
+    assert sel.proc.returncode == 1, log
+    assert "producer failed" in log and "no valid record in 4 shard(s)" in log
+    assert "cannot go on: RuntimeError: no valid record" in log and "health is NOT_SERVING" in log
+    assert "selector exiting with status 1" in log
+    assert "selector for job 'default' serving" not in log
+
+
+def _writes_refused(folder: Path) -> bool:
+    """True when creating a file in ``folder`` fails, as its permission bits say it should."""
+    probe = folder / "probe"
+    try:
+        probe.touch()
+    except PermissionError:
+        return True
+    probe.unlink()
+    return False
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "not writable"])
+def test_a_work_dir_that_is_not_a_writable_folder_is_a_config_error(tmp_path, kind):
+    config, overrides, _ = write_config(tmp_path)
+    work = tmp_path / "work"  # write_config's service.work_dir
+    if kind == "not writable":
+        work.mkdir()
+        work.chmod(0o555)
+        if not _writes_refused(work):
+            work.chmod(0o755)
+            pytest.skip("permission bits do not stop writes here (running as root)")
+    else:
+        work.write_text("a file\n")
+        if kind == "under a file":
+            overrides = [*overrides, f"service.work_dir={work / 'sub'}"]
+    port = free_port()
+    args = [SELECTOR, "serve", "--config", str(config)]
+    for item in [*overrides, f"service.port={port}"]:
+        args += ["--set", item]
+    try:
+        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=START_TIMEOUT)
+    finally:
+        if work.is_dir():
+            work.chmod(0o755)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    message = {"a file": f"error: service.work_dir: '{work}' exists and is not a directory",
+               "under a file": f"error: service.work_dir: cannot create '{work / 'sub'}': '{work}' is not a "
+                               "directory",
+               "not writable": f"error: service.work_dir: '{work}' is not writable (Permission denied)"}[kind]
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and "listening on" not in done.stdout + done.stderr
+    assert work.read_text() == "a file\n" if kind != "not writable" else not any(work.iterdir())
+    with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,6 +164,25 @@ def test_the_matching_fingerprint_is_accepted(server):
     assert batch.step == 0
 
 
+def test_a_huge_job_id_is_refused_quoting_only_its_head(server):
+    huge = "j" * (1 << 20)  # 1 MiB: repeated whole, the refusal would not fit the trailing metadata
+    join = pb.StreamRequest(join=pb.Join(job_id=huge, rank=0, world_size=W))
+    with grpc.insecure_channel(target(server)) as channel:
+        stub = pb_grpc.SelectorStub(channel)
+        with pytest.raises(grpc.RpcError) as stream:
+            next(stub.Stream(iter([join]), timeout=30))
+        with pytest.raises(grpc.RpcError) as status:
+            stub.Status(pb.StatusRequest(job_id=huge), timeout=30)
+        with pytest.raises(grpc.RpcError) as pushed:
+            stub.PushAdapter(adapter_chunks({"w": torch.zeros(2)}, huge, trainer_step=0), timeout=30)
+    codes = [err.value.code() for err in (stream, status, pushed)]
+    assert codes == [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+                     grpc.StatusCode.INVALID_ARGUMENT]
+    for err in (stream, status, pushed):
+        details = err.value.details()
+        assert f"job '{'j' * 64}'… (1048576 characters)" in details and len(details) < 200, details
+
+
 def push(srv, chunks):
     with grpc.insecure_channel(target(srv)) as channel:
         return pb_grpc.SelectorStub(channel).PushAdapter(iter(chunks), timeout=30)
@@ -263,6 +283,41 @@ def test_status_health_flag_exits_0_while_serving_and_1_when_nobody_listens(serv
     with pytest.raises(SystemExit) as down:
         status_main(["--health", closed])
     assert (up.value.code, down.value.code) == (0, 1)
+
+
+def test_a_producer_that_cannot_go_on_turns_health_not_serving_and_says_why(tmp_path, capsys):
+    from colm_client.status import main as status_main
+
+    config = make_config(tmp_path)
+    shutil.rmtree(tmp_path / "shards")  # the job names shards that do not exist
+    reasons: list[str] = []
+    srv = SelectorServer(config, on_failure=reasons.append)
+    srv.start()  # returns once the producer is ready or, here, has failed
+    try:
+        assert (srv.failure or "").startswith("RuntimeError: no valid record in 4 shard(s)")
+        assert reasons == [srv.failure]
+        with grpc.insecure_channel(target(srv)) as channel:
+            for service in ("", "colm.v1.Selector"):
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+            status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest(), timeout=10)
+        assert status.error == srv.failure and status.selected_steps == 0
+        status_main([target(srv)])
+        assert capsys.readouterr().out.startswith(f"FAILED: {srv.failure}\n")
+        with pytest.raises(CoresetStreamError) as err:
+            take(CoresetStream(target(srv), rank=0, world_size=W), 1)
+        assert "no valid record" in err.value.details
+    finally:
+        srv.stop(grace=1)
+
+
+def test_health_answers_serving_only_once_a_step_is_selected(server):
+    assert server.job.next_step >= 1  # start() returned once the producer was ready
+    with grpc.insecure_channel(target(server)) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        status = pb_grpc.SelectorStub(channel).Status(pb.StatusRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING and status.error == ""
 
 
 def test_truncated_samples_are_counted(tmp_path):

@@ -66,6 +66,8 @@ def format_status(s: dict) -> str:
     skipped = {k: v for k, v in s["skipped"].items() if int(v)}
     lines.append("skipped records: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
     lines.append(f"samples truncated to max length: {s['truncated']}")
+    if s.get("error"):  # the selector cannot go on and is exiting
+        lines.insert(0, f"FAILED: {s['error']}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ def selector_main(argv: list[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         config.validate_for_serving()  # missing shards, token or TLS files: a usage error, not a traceback
+        config.service.check_work_dir()  # a file, or a folder it cannot write to: the same
     except ValueError as exc:
         parser.error(str(exc))
     from colm_server.service.server import serve

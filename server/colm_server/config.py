@@ -11,6 +11,7 @@ import json
 import re
 import reprlib
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,27 @@ class ServiceConfig:
         _check(token.isascii() and token.isprintable() and " " not in token, "service.auth_token_file",
                "the token must be one word of printable ASCII (it travels as gRPC metadata)")
         return token
+
+    def check_work_dir(self) -> None:
+        """ValueError naming ``service.work_dir`` unless it is a writable folder or can be made one.
+
+        Checked where the selector runs (not by ``Config.validate_for_serving``, which also vets a
+        deployment's config elsewhere); nothing is created here, the folder is made with the job.
+        """
+        path, what = Path(self.work_dir), "cannot be checked"
+        try:
+            existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+            if existing == path and not path.is_dir():
+                raise ValueError(f"service.work_dir: {self.work_dir!r} exists and is not a directory")
+            if not existing.is_dir():
+                raise ValueError(f"service.work_dir: cannot create {self.work_dir!r}: "
+                                 f"{str(existing)!r} is not a directory")
+            what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
+            with tempfile.TemporaryFile(dir=existing):  # a real write: modes, read-only mounts, ACLs
+                pass
+        except OSError as e:
+            raise ValueError(f"service.work_dir: {self.work_dir!r} {what} "
+                             f"({e.strerror or type(e).__name__})") from None
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
         """``(private key PEM, certificate PEM)`` of ``tls_key`` and ``tls_cert``; None when TLS is off."""

@@ -74,9 +74,20 @@ class SelectorProcess:
                     if err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
                                           grpc.StatusCode.NOT_FOUND):
                         raise
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        self._exited_within(min(0.2, left))
                     continue
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
+                self._exited_within(min(0.2, left))  # NOT_SERVING until its first step is selected
+
+    def _exited_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the process to exit (a pause between two health checks)."""
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def status(self) -> dict:
         """The selector's Status as a dict (see ``colm_client.status``)."""

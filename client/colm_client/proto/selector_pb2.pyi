@@ -123,7 +123,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., connected: _Optional[bool] = ..., next_step: _Optional[int] = ..., acked_step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job_id", "world_size", "config_fingerprint", "selected_steps", "param_version", "epoch", "journal_first_step", "ranks", "skipped", "source_seen", "source_selected", "truncated", "selections", "selection_seconds", "peak_rss_bytes", "peak_device_bytes")
+    __slots__ = ("job_id", "world_size", "config_fingerprint", "selected_steps", "param_version", "epoch", "journal_first_step", "ranks", "skipped", "source_seen", "source_selected", "truncated", "selections", "selection_seconds", "peak_rss_bytes", "peak_device_bytes", "error")
     class SkippedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class StatusReply(_message.Message):
     SELECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     world_size: int
     config_fingerprint: str
@@ -177,4 +178,5 @@ class StatusReply(_message.Message):
     selection_seconds: float
     peak_rss_bytes: int
     peak_device_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ..., config_fingerprint: _Optional[str] = ..., selected_steps: _Optional[int] = ..., param_version: _Optional[int] = ..., epoch: _Optional[int] = ..., journal_first_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., skipped: _Optional[_Mapping[str, int]] = ..., source_seen: _Optional[_Mapping[str, int]] = ..., source_selected: _Optional[_Mapping[str, int]] = ..., truncated: _Optional[int] = ..., selections: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., peak_device_bytes: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ..., config_fingerprint: _Optional[str] = ..., selected_steps: _Optional[int] = ..., param_version: _Optional[int] = ..., epoch: _Optional[int] = ..., journal_first_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., skipped: _Optional[_Mapping[str, int]] = ..., source_seen: _Optional[_Mapping[str, int]] = ..., source_selected: _Optional[_Mapping[str, int]] = ..., truncated: _Optional[int] = ..., selections: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., peak_device_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import stat
 
 import grpc
 
@@ -64,3 +66,19 @@ def _refuse(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMetho
 
     kind = (handler.request_streaming, handler.response_streaming) if handler else (True, True)
     return _FACTORIES[kind](abort)
+
+
+def warn_if_exposed(path: str) -> bool:
+    """Warn, as ssh does for a private key, when the token file is open to group or others.
+
+    The file is still used: True when it was warned about.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return False  # read a moment ago; reading it again reports any error
+    if not mode & 0o077:
+        return False
+    logger.warning("service.auth_token_file: %s has mode %04o, open to group or others on this machine; "
+                   "the token is a secret: chmod 600 %s", path, mode, path)
+    return True

@@ -5,6 +5,9 @@ A producer thread turns the record stream into steps: ``W*L`` records, one selec
 ``prefetch`` steps ahead of the slowest rank, and adapter pushes are swapped in between two
 selections. Ranks read committed steps from the journal, so a reconnecting rank and a
 restarted selector see exactly the same batches.
+
+The job is ready once its producer has selected a step or waits at the prefetch bound; when the
+producer fails it stops for good, every waiting rank gets the failure, and ``on_failure`` is told.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Job:
         adapter: dict[str, torch.Tensor] | None = None,
         on_adapter: Callable[[dict[str, torch.Tensor], int], None] | None = None,
         on_selected: Callable[[Selection, float], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ):
         self.selector, self.collator, self.stream, self.journal = selector, collator, stream, journal
         self.world_size, self.per_rank_large = world_size, per_rank_large
@@ -76,6 +80,7 @@ class Job:
         self.adapter = adapter or {}  # name -> live parameter tensor the selector scores with
         self.on_adapter = on_adapter  # persists an applied adapter (work dir)
         self.on_selected = on_selected  # sees each journaled selection and its seconds (metrics)
+        self.on_failure = on_failure  # told the reason once the producer has failed (health, exit)
         self.ranks = [RankState() for _ in range(world_size)]
         self.param_version = 0
         self.param_step = 0  # next_step when the current adapter was swapped in
@@ -87,7 +92,9 @@ class Job:
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._ready = False  # the producer selected a step, or waits at the prefetch bound
         self._error: BaseException | None = None
+        self._failure_told = False  # on_failure has returned
         self._thread: threading.Thread | None = None
         self._restore()
 
@@ -104,6 +111,23 @@ class Job:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the producer has shown it can produce, has failed (and ``on_failure`` has
+        returned), or the job stops.
+
+        True when it is ready and has not failed: a step selected in this process, or all the steps
+        the prefetch bound allows already journaled.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._failure_told or self._stopping, timeout)
+            return self._ready and self._error is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the producer stopped for good, or None while it has not failed."""
+        error = self._error
+        return None if error is None else f"{type(error).__name__}: {error}"
+
     def _slowest(self) -> int:
         return min(r.acked for r in self.ranks) + 1
 
@@ -119,6 +143,9 @@ class Job:
                             return
                         if self.next_step < self._slowest() + self.prefetch:
                             break
+                        if not self._ready:  # every step the bound allows is journaled
+                            self._ready = True
+                            self._cond.notify_all()
                         self._cond.wait()
                     step = self.next_step
                 self._select_step(step)
@@ -127,6 +154,13 @@ class Job:
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
+            try:
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
+            finally:
+                with self._cond:  # wait_ready returns once the failure has been handled
+                    self._failure_told = True
+                    self._cond.notify_all()
 
     def _select_step(self, step: int) -> None:
         records = self.stream.take(self.world_size * self.per_rank_large)
@@ -161,6 +195,7 @@ class Job:
             self.truncated = truncated
             self.selections += 1
             self.selection_seconds += elapsed
+            self._ready = True
             self._cond.notify_all()
         if self.on_selected is not None:
             self.on_selected(sel, elapsed)

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import build_selector
-from colm_server.service.auth import TokenInterceptor
+from colm_server.service.auth import TokenInterceptor, warn_if_exposed
 from colm_server.service.job import Job
 from colm_server.service.journal import Journal
 from colm_server.service.metrics import SelectorMetrics
@@ -40,6 +41,7 @@ def build_job(config: Config) -> tuple[Job, Collator]:
     """Load model, tokenizer, shards and journal; restore the job from the work dir if any."""
     config.validate_for_serving()
     mc, sc = config.model, config.service
+    sc.check_work_dir()  # before the model loads: a bad work dir is a config error
     device, dtype = mc.resolve(torch.cuda.is_available())
     model = load_model(mc.source, dtype=getattr(torch, dtype), num_layers=mc.num_layers)
     model = attach_lora(model, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
@@ -48,7 +50,11 @@ def build_job(config: Config) -> tuple[Job, Collator]:
         p.requires_grad_(False)  # the selector never trains; sketches need no weight grads
     adapter = adapter_state(model)
     work = Path(sc.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"service.work_dir: cannot create {sc.work_dir!r} "
+                         f"({e.strerror or type(e).__name__})") from None
     saved = work / ADAPTER_FILE
     if saved.exists():  # the last pushed adapter, so a restarted selector scores like before
         with torch.no_grad():
@@ -84,14 +90,21 @@ def build_job(config: Config) -> tuple[Job, Collator]:
 
 
 class SelectorServer:
-    """A running selector: the job's producer thread plus the gRPC server around it."""
+    """A running selector: the job's producer thread plus the gRPC server around it.
 
-    def __init__(self, config: Config):
+    Health answers SERVING once the producer has selected a step (or has every step the prefetch
+    bound allows journaled), and NOT_SERVING before that and for good once the producer fails;
+    ``failure`` then holds the reason, Status reports it, and ``on_failure`` is called with it.
+    """
+
+    def __init__(self, config: Config, on_failure: Callable[[str], None] | None = None):
         self.config = config
         self.job, collator = build_job(config)
         sc = config.service
         limit = sc.max_message_mb << 20
         token = sc.auth_token()
+        if token:
+            warn_if_exposed(sc.auth_token_file)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2 * sc.world_size + 8),
             interceptors=[TokenInterceptor(token)] if token else None,
@@ -102,7 +115,12 @@ class SelectorServer:
                                     pad_id=collator.pad_token_id,
                                     max_adapter_bytes=sc.max_adapter_mb << 20)
         pb_grpc.add_SelectorServicer_to_server(servicer, self.server)
-        self.health = health.HealthServicer()
+        self.health = health.HealthServicer()  # answers SERVING for "" until told otherwise
+        self._health_lock = threading.Lock()  # a failure always wins over a late SERVING
+        self.failure: str | None = None
+        self._on_failure = on_failure
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.job.on_failure = self._failed
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -120,28 +138,58 @@ class SelectorServer:
         if self.metrics is not None:
             self.job.on_selected = self.metrics.observe
 
-    def start(self) -> int:
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _failed(self, reason: str) -> None:
+        """The producer cannot go on: NOT_SERVING for good, say why, tell whoever waits on it."""
+        with self._health_lock:
+            self.failure = reason
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.error("selector for job %r cannot go on: %s; health is NOT_SERVING",
+                     self.config.service.job_id, reason)
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+    def _serve_when_ready(self) -> None:
+        if not self.job.wait_ready():
+            return
+        with self._health_lock:
+            if self.failure is not None or self._stopped.is_set():
+                return
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("selector for job %r serving", self.config.service.job_id)
+
+    def start(self, wait: bool = True) -> int:
+        """Start the producer and the gRPC server; health turns SERVING once the producer is ready.
+
+        ``wait``: return only once it is, or has failed (in-process users then see the final health).
+        """
         if self.metrics is not None:
             sc = self.config.service
             self._metrics_http, _ = start_http_server(sc.metrics_port, addr=sc.host,
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
             logger.info("metrics on http://%s:%d/metrics", sc.host, self.metrics_port)
-        self.job.start()
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.server.start()  # health answers NOT_SERVING until the producer is ready
         sc = self.config.service
-        logger.info("selector for job %r serving on %s:%d (%s, %s)", sc.job_id, sc.host, self.port,
+        logger.info("selector for job %r listening on %s:%d (%s, %s)", sc.job_id, sc.host, self.port,
                     "TLS" if sc.tls_cert else "plaintext",
                     "token required" if sc.auth_token_file else "no token")
+        self.job.start()
+        ready = threading.Thread(target=self._serve_when_ready, name="colm-ready", daemon=True)
+        ready.start()
+        if wait:
+            ready.join()
         return self.port
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish the step being journaled, end streams with UNAVAILABLE."""
         if self._stopped.is_set():
             return
-        self._stopped.set()
+        with self._health_lock:
+            self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.job.stop(timeout=grace * 10)
         self.server.stop(grace).wait()
@@ -151,12 +199,15 @@ class SelectorServer:
 
 
 def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; exit with status 1 once the producer cannot go on."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a stop request is never lost
         signal.signal(sig, lambda *_: stop.set())
-    server = SelectorServer(config)
+    server = SelectorServer(config, on_failure=lambda _reason: stop.set())
     if not stop.is_set():
-        server.start()
+        server.start(wait=False)
         stop.wait()
     server.stop()
+    if server.failure is not None:  # a restart policy (restart: on-failure) or an orchestrator takes over
+        logger.error("selector exiting with status 1: %s", server.failure)
+        raise SystemExit(1)

@@ -14,6 +14,7 @@ from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 from colm_server.service.batches import RankBatch
 from colm_server.service.job import Job, JobStopped
 from colm_server.service.journal import StepNotJournaled
+from colm_server.service.quote import quote
 from colm_server.service.sync import AdapterError, receive_adapter
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         w = self.job.world_size
         if join.job_id != self.job_id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"job {join.job_id!r} is not served here; this selector serves {self.job_id!r}")
+                          f"job {quote(join.job_id)} is not served here; "
+                          f"this selector serves {self.job_id!r}")
         if join.world_size != w:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"world_size {join.world_size} disagrees with the job's {w}")
@@ -51,7 +53,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {join.rank} outside world of {w}")
         if join.config_fingerprint and join.config_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"config fingerprint {join.config_fingerprint} disagrees with the "
+                          f"config fingerprint {quote(join.config_fingerprint)} disagrees with the "
                           f"selector's {self.fingerprint}")
         first = self.job.journal.first_step
         if first is not None and join.start_step < first:
@@ -114,7 +116,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
 
     def Status(self, request, context):
         if request.job_id and request.job_id != self.job_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} is not served here")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job {quote(request.job_id)} is not served here")
         job = self.job
         snap = job.snapshot()
         reply = pb.StatusReply(
@@ -123,7 +125,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             epoch=job.stream.epoch, journal_first_step=job.journal.first_step or 0,
             truncated=snap["truncated"], selections=snap["selections"],
             selection_seconds=snap["selection_seconds"], peak_rss_bytes=peak_rss_bytes(),
-            peak_device_bytes=peak_device_bytes(),
+            peak_device_bytes=peak_device_bytes(), error=job.failure or "",
         )
         for r, (connected, next_step, acked) in enumerate(snap["ranks"]):
             reply.ranks.add(rank=r, connected=connected, next_step=next_step,

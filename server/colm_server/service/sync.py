@@ -9,6 +9,7 @@ import torch
 
 from colm_client.proto import selector_pb2 as pb
 from colm_client.tensors import from_bytes
+from colm_server.service.quote import quote
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -32,18 +33,19 @@ def receive_adapter(chunks: Iterable[pb.AdapterChunk], *, job_id: str,
     for chunk in chunks:
         if first:
             if chunk.job_id != job_id:
-                raise AdapterError(f"push for job {chunk.job_id!r}; this selector serves {job_id!r}")
+                raise AdapterError(f"push for job {quote(chunk.job_id)}; this selector serves {job_id!r}")
             trainer_step, first = chunk.trainer_step, False
         if chunk.HasField("header"):
             h = chunk.header
             if h.name not in expected:
-                raise AdapterError(f"unknown tensor {h.name!r}")
+                raise AdapterError(f"unknown tensor {quote(h.name)}")
             if h.name in headers:
-                raise AdapterError(f"tensor {h.name!r} sent twice")
+                raise AdapterError(f"tensor {quote(h.name)} sent twice")
             if tuple(h.shape) != tuple(expected[h.name]):
-                raise AdapterError(f"{h.name}: shape {list(h.shape)}, expected {list(expected[h.name])}")
+                shape = list(h.shape) if len(h.shape) <= 8 else f"of {len(h.shape)} dimensions"
+                raise AdapterError(f"{h.name}: shape {shape}, expected {list(expected[h.name])}")
             if h.dtype not in FLOAT_DTYPES:
-                raise AdapterError(f"{h.name}: dtype {h.dtype!r}, expected one of {FLOAT_DTYPES}")
+                raise AdapterError(f"{h.name}: dtype {quote(h.dtype)}, expected one of {FLOAT_DTYPES}")
             headers[h.name], parts[h.name], current = h, [], h.name
         elif current is None:
             raise AdapterError("data before the first tensor header")
