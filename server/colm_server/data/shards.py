@@ -2,9 +2,22 @@
 
 A shard is a .tar (local path, ``file:``, ``pipe:`` command or http URL) whose samples hold a
 ``json`` member ``{id, source, prompt, response}`` (or ``text`` instead of prompt/response).
-The order of epoch ``e`` is a pure function of (seed, e, the shards): the shard order and the
-shuffle buffer are both seeded by (seed, e). Resuming replays the epoch's order and drops the
-records already yielded, so a resume costs a re-read of that epoch's prefix, and is exact.
+Every epoch reads each sample at most once, in an order seeded by (seed, epoch); a resume is exact.
+
+With ``colm-data`` manifests as ``urls`` (every pattern one that lists ``records_per_shard``),
+each shard's record count is known, and the order of epoch ``e`` is a pure function of (seed, e,
+the record counts): a seeded permutation of the shards, and within each shard a seeded
+permutation of its record positions (the whole shard is the shuffle buffer). A position counts
+raw samples of the shard, malformed ones included, so the cursor is (epoch, positions passed)
+and a resume opens only the shard it stopped in and reads at most that shard. Ids are checked
+for duplicates within a shard; colm-data writes them unique across its manifest. A shard that
+ends before the count listed for it is counted once as ``truncated_tar`` (or ``read_error``);
+samples past that count are not read.
+
+With plain URL patterns the record counts are unknown: the shard order and a shuffle buffer that
+mixes across shards are seeded by (seed, e), ids are checked for duplicates over the whole epoch,
+and a resume replays the epoch's order and drops the records already yielded, so it costs a
+re-read of that epoch's prefix.
 """
 
 from __future__ import annotations
@@ -42,7 +55,9 @@ class ShardConfig:
         "help": "shard URL patterns, brace-expanded (s-{000..009}.tar), or a manifest.json of colm-data"})
     seed: int = field(default=0, metadata={"help": "seeds each epoch's shard order and shuffle buffer"})
     shuffle_shards: bool = field(default=True, metadata={"help": "permute the shard order every epoch"})
-    buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer, in records; 0 = no shuffle"})
+    buffer: int = field(default=1000, metadata={
+        "help": "sample shuffle buffer, in records; 0 = no shuffle; with a manifest, any other value "
+                "shuffles each shard whole"})
     id_field: str = field(default="id", metadata={"help": "JSON key of the unique sample id"})
     source_field: str = field(default="source", metadata={"help": "JSON key of the sample's source dataset"})
     prompt_field: str = field(default="prompt", metadata={"help": "JSON key of the prompt (may be empty)"})
@@ -78,6 +93,7 @@ class ShardConfig:
         for name in ("id_field", "source_field", "prompt_field", "response_field", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
+        manifest_counts(self.urls)  # a manifest whose counts do not match its shards is refused here
 
 
 MAX_SHARDS = 1_000_000  # a pattern that spells out more is almost surely a typo, and costs memory
@@ -127,6 +143,29 @@ def unshuffled_manifests(urls: str | list[str]) -> list[str]:
     return out
 
 
+def manifest_counts(urls: str | list[str]) -> list[int] | None:
+    """Records per shard, in the order of ``expand_urls``; None unless every pattern is a manifest
+    that lists them (``records_per_shard``, written by colm-data)."""
+    patterns = [urls] if isinstance(urls, str) else urls
+    if not patterns or not all(p.endswith(MANIFEST) for p in patterns):
+        return None
+    counts: list[int] = []
+    for path in patterns:
+        try:
+            manifest = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"urls: cannot read manifest {path!r}: {exc}") from exc
+        if not isinstance(manifest, dict) or "records_per_shard" not in manifest:
+            return None
+        per_shard, names = manifest["records_per_shard"], manifest.get("shards")
+        if not (isinstance(per_shard, list) and isinstance(names, list) and len(per_shard) == len(names)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in per_shard)):
+            raise ValueError(f"urls: manifest {path!r}: 'records_per_shard' must hold one count >= 0 "
+                             "per shard")
+        counts.extend(per_shard)
+    return counts
+
+
 def _manifest_shards(path: str) -> list[str]:
     """The shards a ``colm-data`` manifest lists, as paths beside it."""
     try:
@@ -144,6 +183,15 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
     order = list(range(num_shards))
     if shuffle:  # a str seed is hashed with sha512: stable across processes and Python versions
         random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def record_order(num_records: int, seed: int, epoch: int, shard: int, shuffle: bool = True) -> list[int]:
+    """Record positions of shard ``shard`` in the order epoch ``epoch`` reads them: a permutation
+    seeded by (seed, epoch, shard), or file order."""
+    order = list(range(num_records))
+    if shuffle:
+        random.Random(f"records:{seed}:{epoch}:{shard}").shuffle(order)
     return order
 
 
@@ -222,22 +270,39 @@ def _failure_reason(exn: Exception, samples_read: int) -> str:
     return "read_error"
 
 
+@dataclass(frozen=True)
+class _ShardFailure:
+    """Why a shard could not be read to its end: handed over after its last readable sample."""
+
+    reason: str
+    detail: str
+
+
+_Outcome = dict | tuple  # a record, or (skip reason, sample key, detail)
+
+
 class ShardStream:
     """Endless iterator of records ``{id, source, prompt, response, epoch}`` over seeded epochs.
 
-    Implements the Stateful contract: ``state_dict()`` is (epoch, records yielded in it, skip
-    counters); ``load_state_dict`` replays the epoch's prefix to resume exactly. The ids seen in
-    the current epoch are held in memory to drop duplicates. One reader: no split across workers.
+    Implements the Stateful contract. With manifests (record counts known), ``state_dict()`` is
+    (epoch, cursor: positions of the epoch's order passed, records yielded, skip counters) and
+    ``load_state_dict`` opens only the shard the cursor is in. With plain URL patterns it is
+    (epoch, records yielded, skip counters), ``load_state_dict`` replays the epoch's prefix, and the
+    ids seen in the current epoch are held in memory to drop duplicates. One reader: no split
+    across workers.
     """
 
     def __init__(self, config: ShardConfig):
         self.config = config
         self.shards = expand_urls(config.urls)
+        self.counts = manifest_counts(config.urls)  # records per shard, or None: not known
         self._epoch = 0
         self._position = 0
+        self._cursor = 0
         self._skipped: Counter[str] = Counter()
-        self._records: Iterator[dict] | None = None
+        self._records: Iterator[dict | None] | None = None
         self._replaying = False
+        self._replayed_epoch: int | None = None  # resumed from a state without cursor: its order
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -254,13 +319,22 @@ class ShardStream:
         """Records yielded so far in the current epoch."""
         return self._position
 
+    @property
+    def cursor(self) -> int:
+        """Positions of the current epoch's order passed so far: records yielded and skipped
+        (with record counts; without them, records yielded)."""
+        return self._cursor
+
     def __iter__(self) -> ShardStream:
         return self
 
     def __next__(self) -> dict:
         if self._records is None:
-            self._records = self._epoch_records(self._epoch)
+            self._records = self._epoch_records(self._epoch, self._cursor)
         for record in self._records:
+            self._cursor += 1
+            if record is None:  # a position whose sample was skipped
+                continue
             self._position += 1
             return {**record, "epoch": self._epoch}
         if self._position == 0:
@@ -268,7 +342,7 @@ class ShardStream:
                 f"no valid record in {len(self.shards)} shard(s) ({self.shards[0]} ...); "
                 f"skipped: {self.skipped}"
             )
-        self._epoch, self._position, self._records = self._epoch + 1, 0, None
+        self._epoch, self._position, self._cursor, self._records = self._epoch + 1, 0, 0, None
         return next(self)
 
     def take(self, n: int) -> list[dict]:
@@ -276,18 +350,36 @@ class ShardStream:
         return [next(self) for _ in range(n)]
 
     def state_dict(self) -> dict[str, Any]:
-        """The cursor: epoch, records yielded in it, skip counters, and a fingerprint of the order."""
+        """The cursor: epoch, positions passed (with record counts), records yielded, skip counters,
+        and a fingerprint of the order."""
+        if self._indexed(self._epoch):
+            return {"epoch": self._epoch, "cursor": self._cursor, "position": self._position,
+                    "skipped": self.skipped, "fingerprint": self._fingerprint(indexed=True)}
         return {"epoch": self._epoch, "position": self._position, "skipped": self.skipped,
-                "fingerprint": self._fingerprint()}
+                "fingerprint": self._fingerprint(indexed=False)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a cursor from ``state_dict``: re-reads the epoch up to ``position`` records."""
-        if state.get("fingerprint") != self._fingerprint():
+        """Resume at a cursor from ``state_dict``.
+
+        A state with a cursor (record counts known) opens the shard the cursor is in on the next
+        read. A state without one (plain URL patterns, or saved before record counts were used)
+        re-reads the epoch up to ``position`` records, in the order it was saved in; with record
+        counts, the epochs after it are ordered by them.
+        """
+        if "cursor" in state:
+            self._load_cursor(state)
+            return
+        if state.get("fingerprint") != self._fingerprint(indexed=False):
             raise ValueError("state_dict: saved by a stream with other shards or order settings")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or position < 0:
             raise ValueError(f"state_dict: epoch and position must be >= 0, got {epoch}, {position}")
-        self._epoch, self._position, self._records = epoch, 0, self._epoch_records(epoch)
+        self._epoch, self._position, self._cursor = epoch, 0, 0
+        self._replayed_epoch = epoch if self.counts is not None and position > 0 else None
+        if self._replayed_epoch is not None:
+            logger.info("resuming epoch %d from a state without cursor: re-reading %d records in its "
+                        "order; later epochs follow the manifest's record counts", epoch, position)
+        self._records = self._epoch_records(epoch, 0)
         self._replaying = True
         try:
             for _ in range(position):
@@ -295,13 +387,36 @@ class ShardStream:
                     raise ValueError(f"state_dict: epoch {epoch} now has {self._position} records, "
                                      f"fewer than the saved position {position}; did the shards change?")
                 self._position += 1
+                self._cursor += 1
         finally:
             self._replaying = False
         self._skipped = Counter(state.get("skipped", {}))
 
-    def _fingerprint(self) -> str:
+    def _load_cursor(self, state: dict[str, Any]) -> None:
+        if self.counts is None:
+            raise ValueError("state_dict: saved by a stream that read each shard's record count from "
+                             "colm-data manifests; set data.urls to the same manifest.json file(s) to resume")
+        if state.get("fingerprint") != self._fingerprint(indexed=True):
+            raise ValueError("state_dict: saved by a stream with other shards, record counts or order "
+                             "settings")
+        epoch, cursor, position = int(state["epoch"]), int(state["cursor"]), int(state["position"])
+        total = sum(self.counts)
+        if epoch < 0 or not 0 <= position <= cursor <= total:
+            raise ValueError(f"state_dict: need epoch >= 0 and 0 <= position <= cursor <= {total} "
+                             f"(records per epoch), got {epoch}, {position}, {cursor}")
+        self._epoch, self._cursor, self._position = epoch, cursor, position
+        self._records, self._replayed_epoch = None, None  # opened lazily, by the next record asked for
+        self._skipped = Counter(state.get("skipped", {}))
+
+    def _indexed(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` is ordered by the record counts (else by the shuffle buffer)."""
+        return self.counts is not None and epoch != self._replayed_epoch
+
+    def _fingerprint(self, indexed: bool) -> str:
         """What the order depends on; the shard count, not the URLs, so moved shards still resume."""
-        key = {**asdict(self.config), "urls": len(self.shards)}
+        key: dict[str, Any] = {**asdict(self.config), "urls": len(self.shards)}
+        if indexed:
+            key.update(records_per_shard=self.counts, order="positions")
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def _skip(self, reason: str, url: str, key: str | None, detail: object = "") -> None:
@@ -309,8 +424,10 @@ class ShardStream:
         if not self._replaying:
             logger.warning("skipped (%s): shard %s key %s %s", reason, url, key or "-", detail)
 
-    def _epoch_records(self, epoch: int) -> Iterator[dict]:
-        """Valid records of one epoch, in its seeded order, each id at most once."""
+    def _epoch_records(self, epoch: int, cursor: int) -> Iterator[dict | None]:
+        """Epoch ``epoch`` from position ``cursor`` (with record counts; else from its start)."""
+        if self._indexed(epoch):
+            return self._positions(epoch, cursor)
         cfg = self.config
         order = shard_order(len(self.shards), cfg.seed, epoch, cfg.shuffle_shards)
         records = self._unique_records(self.shards[i] for i in order)
@@ -319,28 +436,93 @@ class ShardStream:
             records = wds.filters.shuffle(bufsize=cfg.buffer, initial=cfg.buffer, rng=rng)(records)
         return iter(records)
 
+    def _positions(self, epoch: int, cursor: int) -> Iterator[dict | None]:
+        """One item per position of the epoch's order from ``cursor`` on: its record, or None."""
+        assert self.counts is not None
+        cfg, start = self.config, 0
+        for shard in shard_order(len(self.shards), cfg.seed, epoch, cfg.shuffle_shards):
+            n = self.counts[shard]
+            if cursor < start + n:  # skipping whole shards costs no read
+                order = record_order(n, cfg.seed, epoch, shard, cfg.buffer > 0)
+                yield from self._shard_in_order(self.shards[shard], order, max(0, cursor - start))
+            start += n
+
+    def _shard_in_order(self, url: str, order: list[int], first: int) -> Iterator[dict | None]:
+        """Positions ``order[first:]`` of one shard: each its record, or None once it is counted.
+
+        The shard is read once, front to back; a record read before its turn waits in memory, one
+        whose turn came before ``first`` (yielded before a resume) is dropped. A skip is counted
+        when its position's turn comes, so the counts match the cursor wherever it is.
+        """
+        n = len(order)
+        turn = [0] * n  # turn[position] = index in order
+        for k, position in enumerate(order):
+            turn[position] = k
+        waiting: dict[int, _Outcome] = {}
+        seen: set[str] = set()
+        read, ended, failure, missing_counted = 0, False, None, False
+        samples = self._shard_samples(url)
+        try:
+            for k in range(first, n):
+                position = order[k]
+                while read <= position and not ended:
+                    sample = next(samples, None)
+                    if sample is None or isinstance(sample, _ShardFailure):
+                        ended, failure = True, sample
+                        break
+                    outcome = self._check(sample, seen)
+                    if turn[read] >= first:
+                        waiting[read] = outcome
+                    read += 1
+                if position < read:
+                    outcome = waiting.pop(position)
+                    if isinstance(outcome, dict):
+                        yield outcome
+                        continue
+                    self._skip(outcome[0], url, outcome[1], outcome[2])
+                elif not missing_counted:  # the first position past the shard's end, in turn order
+                    missing_counted = True
+                    if min(turn[read:]) >= first:  # not met before a resume at ``first``
+                        reason = failure.reason if failure else "truncated_tar"
+                        detail = failure.detail if failure else f"{read} of the manifest's {n} samples"
+                        self._skip(reason, url, None, detail)
+                yield None
+            if read == n and not ended and isinstance(next(samples, None), dict):
+                logger.warning("shard %s holds more than the %d samples its manifest lists; the rest "
+                               "are not read", url, n)
+        finally:
+            samples.close()
+
+    def _check(self, sample: dict, seen: set[str]) -> _Outcome:
+        """The sample's record, or (reason, key, detail) why it is skipped; ``seen`` ids are duplicates."""
+        key = sample.get("__key__")
+        if "json" not in sample:
+            return "missing_json", key, sorted(k for k in sample if not k.startswith("__"))
+        try:
+            record = parse_record(sample["json"], self.config)
+        except BadRecord as bad:
+            return bad.reason, key, ""
+        if record["id"] in seen:
+            return "duplicate_id", key, record["id"]
+        seen.add(record["id"])
+        return record
+
     def _unique_records(self, urls: Iterator[str]) -> Iterator[dict]:
         seen: set[str] = set()
         for url in urls:
             for sample in self._shard_samples(url):
-                key = sample.get("__key__")
-                if "json" not in sample:
-                    self._skip("missing_json", url, key, sorted(k for k in sample if not k.startswith("__")))
+                if isinstance(sample, _ShardFailure):
+                    self._skip(sample.reason, url, None, sample.detail)
                     continue
-                try:
-                    record = parse_record(sample["json"], self.config)
-                except BadRecord as bad:
-                    self._skip(bad.reason, url, key)
-                    continue
-                if record["id"] in seen:
-                    self._skip("duplicate_id", url, key, record["id"])
-                    continue
-                seen.add(record["id"])
-                yield record
+                outcome = self._check(sample, seen)
+                if isinstance(outcome, dict):
+                    yield outcome
+                else:
+                    self._skip(outcome[0], url, outcome[1], outcome[2])
 
-    def _shard_samples(self, url: str) -> Iterator[dict]:
-        """Samples of one shard; a read failure skips the rest of the shard and is counted once."""
-        stream, count, failures = None, 0, []
+    def _shard_samples(self, url: str) -> Iterator[dict | _ShardFailure]:
+        """Samples of one shard, then a _ShardFailure if reading it failed (the rest is not read)."""
+        stream, count, failures, failure = None, 0, [], None
         try:
             stream = wds.gopen(url)
             files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
@@ -353,10 +535,12 @@ class ShardStream:
         except Exception as exn:  # any failure of one shard must not end the stream
             reason = "read_error" if stream is None else _failure_reason(exn, count)
             message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
-            self._skip(reason, url, None, f"{type(exn).__name__}: {message}")
+            failure = _ShardFailure(reason, f"{type(exn).__name__}: {message}")
         finally:
             if stream is not None:
                 try:
                     stream.close()
                 except Exception:  # already abandoned (error or interrupted); nothing to add
                     pass
+        if failure is not None:
+            yield failure
