@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -73,13 +73,17 @@ class CoresetStream:
     exponential backoff and resumes at the next step it has not yielded; other errors are
     raised as `CoresetStreamError`. Rank and world size default to torchrun's environment;
     `token` and `tls_ca` default to ``$COLM_AUTH_TOKEN_FILE`` and ``$COLM_TLS_CA`` (see `open_channel`).
+    `expected`: the model settings of this trainer, ``{key: JSON value}`` as
+    ``colm_server.contract.settings`` makes them; the selector refuses the join
+    (``FAILED_PRECONDITION``, naming the key and both values) when one differs from its own.
     """
 
     def __init__(self, target: str, job_id: str = "default", rank: int | None = None,
                  world_size: int | None = None, start_step: int = 0, payload: bool = True,
                  config_fingerprint: str = "", reconnect_timeout: float = 300.0,
                  max_message_mb: int = 64, *, token: str | None = None,
-                 tls_ca: str | os.PathLike | bytes | None = None):
+                 tls_ca: str | os.PathLike | bytes | None = None,
+                 expected: Mapping[str, str] | None = None):
         self.target, self.job_id = target, job_id
         # Resolved once: every reconnect uses the same credentials, and a bad file fails here.
         self._token, self._tls_ca = resolve_token(token), resolve_tls_ca(tls_ca)
@@ -87,6 +91,7 @@ class CoresetStream:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         self.next_step = start_step
         self.payload, self.fingerprint = payload, config_fingerprint
+        self.expected = dict(expected or {})
         self.reconnect_timeout = reconnect_timeout
         self._options = [("grpc.max_receive_message_length", max_message_mb << 20)]
         self._requests: queue.Queue | None = None
@@ -110,7 +115,7 @@ class CoresetStream:
         self._requests.put(pb.StreamRequest(join=pb.Join(
             job_id=self.job_id, rank=self.rank, world_size=self.world_size,
             start_step=self.next_step, ids_only=not self.payload,
-            config_fingerprint=self.fingerprint)))
+            config_fingerprint=self.fingerprint, expected=self.expected)))
         stub = pb_grpc.SelectorStub(self._channel)
         self._call = stub.Stream(self._request_iter(self._requests), wait_for_ready=True)
         return self._call

@@ -41,7 +41,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 class ModelConfig:
     """The frozen base model and the LoRA adapter the selector scores with."""
 
-    source: str = _field("tiny:llama", "HF model folder, .gguf file, 'smollm2', or 'tiny:<arch>' (random)")
+    source: str = _field("tiny:llama", "HF model folder, .gguf file, 'smollm2', or 'tiny:<arch>' (random); "
+                         "trainers' --model must be the same text")
     num_layers: int | None = _field(None, "keep only the first n decoder layers (smoke tests); null = all")
     device: str = _field("auto", "'auto' (cuda when available), 'cuda', 'cuda:N' or 'cpu'")
     dtype: str = _field("auto", f"one of {DTYPES}; auto = bfloat16 on cuda, float32 on cpu")

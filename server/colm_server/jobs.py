@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from colm_server.config import from_dict
+from colm_server.contract import model_arguments
 from colm_server.launch import SelectorProcess, trainer_command
 
 PROGRESS_POLL = 0.5  # seconds between two looks at the selector's Status for the progress bar
@@ -49,12 +51,10 @@ class RunResult:
 
 def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: int = 0,
                  push_every: int = 0, seed: int = 0, precision: str = "fp32") -> list[str]:
-    """``colm-train`` arguments that agree with ``job`` (model and LoRA); the selector comes later."""
-    model = job["model"]
-    args = ["--model", str(model["source"]), "--lora-r", str(model.get("lora_r", 8)),
-            "--lora-alpha", str(model.get("lora_alpha", 16))]
-    if model.get("lora_targets"):
-        args += ["--lora-targets", *model["lora_targets"]]
+    """``colm-train`` arguments that agree with ``job``, a selector config document: its model
+    settings (``contract.model_arguments``) and its job id. The selector's address comes later."""
+    config = from_dict(job)  # the selector's defaults for what the document leaves out
+    args = [*model_arguments(config.model), f"--job-id={config.service.job_id}"]
     return args + ["--steps", str(steps), "--lr", str(lr), "--warmup-steps", str(warmup),
                    "--output-dir", str(output_dir), "--save-every", "0", "--push-every", str(push_every),
                    "--log-every", str(max(steps // 5, 1)), "--seed", str(seed), "--precision", precision]

@@ -10,6 +10,8 @@ times the world size: the mean over ranks is the step's weighted loss). Rank 0 s
 Resume policy: a restart loads the latest complete checkpoint and rejoins the stream at its step + 1,
 so steps trained after that checkpoint are trained again (the ledger then holds them twice; the last
 entry per step is the one the final weights saw).
+The model flags (--model, --num-layers, --lora-*) must give the selector's model settings: every
+rank sends its model's settings when it joins, and the selector refuses one that differs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client import AdapterSync, CoresetStream, weighted_loss
 from colm_client.channel import read_token
+from colm_server import contract
+from colm_server.config import ServiceConfig
 from colm_server.model.load import attach_lora, load_model
 from colm_server.peak_memory import current_device_bytes, current_rss_bytes, peak_device_bytes, peak_rss_bytes
 
@@ -40,13 +44,9 @@ logger = logging.getLogger("colm_server.train")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="colm-train", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="tiny:<arch>, smollm2, a HF folder or a .gguf")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    p.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: attention)")
+    contract.add_model_arguments(p)
     p.add_argument("--selector", required=True, help="host:port of the selector service")
-    p.add_argument("--job-id", default="default", help="the selector's job id")
+    p.add_argument("--job-id", default=ServiceConfig().job_id, help="the selector's service.job_id")
     p.add_argument("--token-file", default=None,
                    help="file holding the selector's shared token (default: $COLM_AUTH_TOKEN_FILE)")
     p.add_argument("--tls-ca", default=None,
@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # Model: the frozen base plus LoRA, fresh or from the latest checkpoint.
     ckpt = latest_checkpoint(out)
-    base = load_model(args.model, device=device)
+    base = load_model(args.model, device=device, num_layers=args.num_layers)
     peft_model = attach_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                              targets=args.lora_targets, adapter=ckpt / "adapter" if ckpt else None)
     peft_model.to(device).train()
@@ -156,8 +156,10 @@ def train(args: argparse.Namespace) -> dict:
         else nullcontext()
 
     token = read_token(args.token_file) if args.token_file else None  # None: from the environment
+    # What this rank trains, checked by the selector at every join (a resumed adapter's own r/alpha).
+    expected = contract.settings(args.model, args.num_layers, peft_model)
     stream = CoresetStream(args.selector, args.job_id, rank, world, start_step=start, token=token,
-                           tls_ca=args.tls_ca)
+                           tls_ca=args.tls_ca, expected=expected)
     sync = AdapterSync(args.selector, peft_model, args.push_every, args.job_id, rank, token=token,
                        tls_ca=args.tls_ca) if args.push_every > 0 else None
     ledger = open(out / f"ledger-rank{rank}.jsonl", "a")

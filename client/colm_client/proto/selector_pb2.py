@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n colm_client/proto/selector.proto\x12\x07\x63olm.v1\"z\n\x04Join\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x12\n\nstart_step\x18\x04 \x01(\x04\x12\x10\n\x08ids_only\x18\x05 \x01(\x08\x12\x1a\n\x12\x63onfig_fingerprint\x18\x06 \x01(\t\"\x13\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\"S\n\rStreamRequest\x12\x1d\n\x04join\x18\x01 \x01(\x0b\x32\r.colm.v1.JoinH\x00\x12\x1b\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0c.colm.v1.AckH\x00\x42\x06\n\x04kind\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x86\x02\n\x0c\x43oresetBatch\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x0f\n\x07weights\x18\x05 \x03(\x02\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x15\n\rparam_version\x18\x07 \x01(\x04\x12\"\n\tinput_ids\x18\x08 \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\x1f\n\x06labels\x18\t \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\'\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\x17\n\x0fstep_weight_sum\x18\x0b \x01(\x01\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"y\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0ctrainer_step\x18\x02 \x01(\x04\x12%\n\x06header\x18\x03 \x01(\x0b\x32\x15.colm.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\"\n\tPushReply\x12\x15\n\rparam_version\x18\x01 \x01(\x04\"\x1f\n\rStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"T\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x11\n\tnext_step\x18\x03 \x01(\x04\x12\x12\n\nacked_step\x18\x04 \x01(\x04\"\x9b\x05\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x1a\n\x12\x63onfig_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0eselected_steps\x18\x04 \x01(\x04\x12\x15\n\rparam_version\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x1a\n\x12journal_first_step\x18\x07 \x01(\x04\x12\"\n\x05ranks\x18\x08 \x03(\x0b\x32\x13.colm.v1.RankStatus\x12\x32\n\x07skipped\x18\t \x03(\x0b\x32!.colm.v1.StatusReply.SkippedEntry\x12\x39\n\x0bsource_seen\x18\n \x03(\x0b\x32$.colm.v1.StatusReply.SourceSeenEntry\x12\x41\n\x0fsource_selected\x18\x0b \x03(\x0b\x32(.colm.v1.StatusReply.SourceSelectedEntry\x12\x11\n\ttruncated\x18\x0c \x01(\x04\x12\x12\n\nselections\x18\r \x01(\x04\x12\x19\n\x11selection_seconds\x18\x0e \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x0f \x01(\x04\x12\x19\n\x11peak_device_bytes\x18\x10 \x01(\x04\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fSourceSeenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13SourceSelectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xbb\x01\n\x08Selector\x12;\n\x06Stream\x12\x16.colm.v1.StreamRequest\x1a\x15.colm.v1.CoresetBatch(\x01\x30\x01\x12:\n\x0bPushAdapter\x12\x15.colm.v1.AdapterChunk\x1a\x12.colm.v1.PushReply(\x01\x12\x36\n\x06Status\x12\x16.colm.v1.StatusRequest\x1a\x14.colm.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n colm_client/proto/selector.proto\x12\x07\x63olm.v1\"\xda\x01\n\x04Join\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x12\n\nstart_step\x18\x04 \x01(\x04\x12\x10\n\x08ids_only\x18\x05 \x01(\x08\x12\x1a\n\x12\x63onfig_fingerprint\x18\x06 \x01(\t\x12-\n\x08\x65xpected\x18\x07 \x03(\x0b\x32\x1b.colm.v1.Join.ExpectedEntry\x1a/\n\rExpectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\"S\n\rStreamRequest\x12\x1d\n\x04join\x18\x01 \x01(\x0b\x32\r.colm.v1.JoinH\x00\x12\x1b\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0c.colm.v1.AckH\x00\x42\x06\n\x04kind\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x86\x02\n\x0c\x43oresetBatch\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x0f\n\x07weights\x18\x05 \x03(\x02\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x15\n\rparam_version\x18\x07 \x01(\x04\x12\"\n\tinput_ids\x18\x08 \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\x1f\n\x06labels\x18\t \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\'\n\x0e\x61ttention_mask\x18\n \x01(\x0b\x32\x0f.colm.v1.Tensor\x12\x17\n\x0fstep_weight_sum\x18\x0b \x01(\x01\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"y\n\x0c\x41\x64\x61pterChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0ctrainer_step\x18\x02 \x01(\x04\x12%\n\x06header\x18\x03 \x01(\x0b\x32\x15.colm.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\"\n\tPushReply\x12\x15\n\rparam_version\x18\x01 \x01(\x04\"\x1f\n\rStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"T\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x11\n\tnext_step\x18\x03 \x01(\x04\x12\x12\n\nacked_step\x18\x04 \x01(\x04\"\x9b\x05\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x1a\n\x12\x63onfig_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0eselected_steps\x18\x04 \x01(\x04\x12\x15\n\rparam_version\x18\x05 \x01(\x04\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x1a\n\x12journal_first_step\x18\x07 \x01(\x04\x12\"\n\x05ranks\x18\x08 \x03(\x0b\x32\x13.colm.v1.RankStatus\x12\x32\n\x07skipped\x18\t \x03(\x0b\x32!.colm.v1.StatusReply.SkippedEntry\x12\x39\n\x0bsource_seen\x18\n \x03(\x0b\x32$.colm.v1.StatusReply.SourceSeenEntry\x12\x41\n\x0fsource_selected\x18\x0b \x03(\x0b\x32(.colm.v1.StatusReply.SourceSelectedEntry\x12\x11\n\ttruncated\x18\x0c \x01(\x04\x12\x12\n\nselections\x18\r \x01(\x04\x12\x19\n\x11selection_seconds\x18\x0e \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x0f \x01(\x04\x12\x19\n\x11peak_device_bytes\x18\x10 \x01(\x04\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fSourceSeenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13SourceSelectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xbb\x01\n\x08Selector\x12;\n\x06Stream\x12\x16.colm.v1.StreamRequest\x1a\x15.colm.v1.CoresetBatch(\x01\x30\x01\x12:\n\x0bPushAdapter\x12\x15.colm.v1.AdapterChunk\x1a\x12.colm.v1.PushReply(\x01\x12\x36\n\x06Status\x12\x16.colm.v1.StatusRequest\x1a\x14.colm.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'colm_client.proto.selector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOIN_EXPECTEDENTRY']._loaded_options = None
+  _globals['_JOIN_EXPECTEDENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREPLY_SKIPPEDENTRY']._loaded_options = None
   _globals['_STATUSREPLY_SKIPPEDENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREPLY_SOURCESEENENTRY']._loaded_options = None
   _globals['_STATUSREPLY_SOURCESEENENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._loaded_options = None
   _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._serialized_options = b'8\001'
-  _globals['_JOIN']._serialized_start=45
-  _globals['_JOIN']._serialized_end=167
-  _globals['_ACK']._serialized_start=169
-  _globals['_ACK']._serialized_end=188
-  _globals['_STREAMREQUEST']._serialized_start=190
-  _globals['_STREAMREQUEST']._serialized_end=273
-  _globals['_TENSOR']._serialized_start=275
-  _globals['_TENSOR']._serialized_end=327
-  _globals['_CORESETBATCH']._serialized_start=330
-  _globals['_CORESETBATCH']._serialized_end=592
-  _globals['_TENSORHEADER']._serialized_start=594
-  _globals['_TENSORHEADER']._serialized_end=668
-  _globals['_ADAPTERCHUNK']._serialized_start=670
-  _globals['_ADAPTERCHUNK']._serialized_end=791
-  _globals['_PUSHREPLY']._serialized_start=793
-  _globals['_PUSHREPLY']._serialized_end=827
-  _globals['_STATUSREQUEST']._serialized_start=829
-  _globals['_STATUSREQUEST']._serialized_end=860
-  _globals['_RANKSTATUS']._serialized_start=862
-  _globals['_RANKSTATUS']._serialized_end=946
-  _globals['_STATUSREPLY']._serialized_start=949
-  _globals['_STATUSREPLY']._serialized_end=1616
-  _globals['_STATUSREPLY_SKIPPEDENTRY']._serialized_start=1464
-  _globals['_STATUSREPLY_SKIPPEDENTRY']._serialized_end=1510
-  _globals['_STATUSREPLY_SOURCESEENENTRY']._serialized_start=1512
-  _globals['_STATUSREPLY_SOURCESEENENTRY']._serialized_end=1561
-  _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._serialized_start=1563
-  _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._serialized_end=1616
-  _globals['_SELECTOR']._serialized_start=1619
-  _globals['_SELECTOR']._serialized_end=1806
+  _globals['_JOIN']._serialized_start=46
+  _globals['_JOIN']._serialized_end=264
+  _globals['_JOIN_EXPECTEDENTRY']._serialized_start=217
+  _globals['_JOIN_EXPECTEDENTRY']._serialized_end=264
+  _globals['_ACK']._serialized_start=266
+  _globals['_ACK']._serialized_end=285
+  _globals['_STREAMREQUEST']._serialized_start=287
+  _globals['_STREAMREQUEST']._serialized_end=370
+  _globals['_TENSOR']._serialized_start=372
+  _globals['_TENSOR']._serialized_end=424
+  _globals['_CORESETBATCH']._serialized_start=427
+  _globals['_CORESETBATCH']._serialized_end=689
+  _globals['_TENSORHEADER']._serialized_start=691
+  _globals['_TENSORHEADER']._serialized_end=765
+  _globals['_ADAPTERCHUNK']._serialized_start=767
+  _globals['_ADAPTERCHUNK']._serialized_end=888
+  _globals['_PUSHREPLY']._serialized_start=890
+  _globals['_PUSHREPLY']._serialized_end=924
+  _globals['_STATUSREQUEST']._serialized_start=926
+  _globals['_STATUSREQUEST']._serialized_end=957
+  _globals['_RANKSTATUS']._serialized_start=959
+  _globals['_RANKSTATUS']._serialized_end=1043
+  _globals['_STATUSREPLY']._serialized_start=1046
+  _globals['_STATUSREPLY']._serialized_end=1713
+  _globals['_STATUSREPLY_SKIPPEDENTRY']._serialized_start=1561
+  _globals['_STATUSREPLY_SKIPPEDENTRY']._serialized_end=1607
+  _globals['_STATUSREPLY_SOURCESEENENTRY']._serialized_start=1609
+  _globals['_STATUSREPLY_SOURCESEENENTRY']._serialized_end=1658
+  _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._serialized_start=1660
+  _globals['_STATUSREPLY_SOURCESELECTEDENTRY']._serialized_end=1713
+  _globals['_SELECTOR']._serialized_start=1716
+  _globals['_SELECTOR']._serialized_end=1903
 # @@protoc_insertion_point(module_scope)

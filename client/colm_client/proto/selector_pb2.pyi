@@ -7,20 +7,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Join(_message.Message):
-    __slots__ = ("job_id", "rank", "world_size", "start_step", "ids_only", "config_fingerprint")
+    __slots__ = ("job_id", "rank", "world_size", "start_step", "ids_only", "config_fingerprint", "expected")
+    class ExpectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     IDS_ONLY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     world_size: int
     start_step: int
     ids_only: bool
     config_fingerprint: str
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., ids_only: _Optional[bool] = ..., config_fingerprint: _Optional[str] = ...) -> None: ...
+    expected: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., ids_only: _Optional[bool] = ..., config_fingerprint: _Optional[str] = ..., expected: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step",)

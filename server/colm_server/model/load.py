@@ -161,7 +161,7 @@ def attach_lora(
     model: PreTrainedModel,
     *,
     r: int = 8,
-    alpha: int = 16,
+    alpha: float = 16.0,
     dropout: float = 0.0,
     targets: Sequence[str] | None = None,
     adapter: str | os.PathLike | None = None,

@@ -5,6 +5,13 @@ from __future__ import annotations
 PREFIX = 64  # characters of a client's value a message repeats
 
 
+def clip(text: str, limit: int = PREFIX) -> str:
+    """``text``, or its first ``limit`` characters followed by ``…`` and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
 def quote(value: str, limit: int = PREFIX) -> str:
     """``repr(value)``, or of its first ``limit`` characters followed by ``…`` and its length.
 

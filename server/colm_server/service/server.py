@@ -21,6 +21,7 @@ from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.sync import adapter_state
 from colm_server.config import Config, fingerprint
+from colm_server.contract import settings
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
@@ -37,8 +38,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 ADAPTER_FILE = "adapter.pt"
 
 
-def build_job(config: Config) -> tuple[Job, Collator]:
-    """Load model, tokenizer, shards and journal; restore the job from the work dir if any."""
+def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
+    """Load model, tokenizer, shards and journal; restore the job from the work dir if any.
+
+    Also returns the model's ``contract.settings``, which joining trainers must match.
+    """
     config.validate_for_serving()
     mc, sc = config.model, config.service
     sc.check_work_dir()  # before the model loads: a bad work dir is a config error
@@ -49,6 +53,7 @@ def build_job(config: Config) -> tuple[Job, Collator]:
     for p in model.parameters():
         p.requires_grad_(False)  # the selector never trains; sketches need no weight grads
     adapter = adapter_state(model)
+    model_settings = settings(mc.source, mc.num_layers, model)
     work = Path(sc.work_dir)
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ def build_job(config: Config) -> tuple[Job, Collator]:
         world_size=w, per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
         max_inflight=sc.max_inflight, adapter=adapter, on_adapter=persist,
     )
-    return job, collator
+    return job, collator, model_settings
 
 
 class SelectorServer:
@@ -99,7 +104,7 @@ class SelectorServer:
 
     def __init__(self, config: Config, on_failure: Callable[[str], None] | None = None):
         self.config = config
-        self.job, collator = build_job(config)
+        self.job, collator, model_settings = build_job(config)
         sc = config.service
         limit = sc.max_message_mb << 20
         token = sc.auth_token()
@@ -113,7 +118,8 @@ class SelectorServer:
         )
         servicer = SelectorServicer(self.job, job_id=sc.job_id, fingerprint=fingerprint(config),
                                     pad_id=collator.pad_token_id,
-                                    max_adapter_bytes=sc.max_adapter_mb << 20)
+                                    max_adapter_bytes=sc.max_adapter_mb << 20,
+                                    settings=model_settings)
         pb_grpc.add_SelectorServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()  # answers SERVING for "" until told otherwise
         self._health_lock = threading.Lock()  # a failure always wins over a late SERVING

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 import grpc
 
 from colm_client.proto import selector_pb2 as pb
 from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.tensors import to_proto
+from colm_server.contract import mismatches
 from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 from colm_server.service.batches import RankBatch
 from colm_server.service.job import Job, JobStopped
@@ -33,28 +35,37 @@ def to_message(rb: RankBatch, pad_id: int, ids_only: bool) -> pb.CoresetBatch:
 
 
 class SelectorServicer(pb_grpc.SelectorServicer):
-    """Serves one job: joins, per-rank batch streams, adapter pushes and status."""
+    """Serves one job: joins, per-rank batch streams, adapter pushes and status.
+
+    ``settings``: the model settings a joining trainer's ``Join.expected`` must match
+    (``colm_server.contract.settings`` of the selector's model); None checks none.
+    """
 
     def __init__(self, job: Job, *, job_id: str, fingerprint: str, pad_id: int,
-                 max_adapter_bytes: int):
+                 max_adapter_bytes: int, settings: Mapping[str, str] | None = None):
         self.job, self.job_id, self.fingerprint = job, job_id, fingerprint
         self.pad_id, self.max_adapter_bytes = pad_id, max_adapter_bytes
+        self.settings = None if settings is None else dict(settings)
 
     def _check_join(self, join: pb.Join, context: grpc.ServicerContext) -> None:
         w = self.job.world_size
         if join.job_id != self.job_id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"job {quote(join.job_id)} is not served here; "
-                          f"this selector serves {self.job_id!r}")
+                          f"service.job_id: trainer has {quote(join.job_id)}, selector has "
+                          f"{quote(self.job_id)} (that job is not served here)")
         if join.world_size != w:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"world_size {join.world_size} disagrees with the job's {w}")
+                          f"service.world_size: trainer has {join.world_size}, selector has {w}")
         if join.rank >= w:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {join.rank} outside world of {w}")
         if join.config_fingerprint and join.config_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"config fingerprint {quote(join.config_fingerprint)} disagrees with the "
                           f"selector's {self.fingerprint}")
+        if join.expected and self.settings is not None \
+                and (found := mismatches(join.expected, self.settings)):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "the trainer's model differs from the selector's: " + "; ".join(found))
         first = self.job.journal.first_step
         if first is not None and join.start_step < first:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
