@@ -22,7 +22,7 @@ class Scorer:
     """Runs the frozen model on a large batch: the prefix once, then the sketched layers."""
 
     def __init__(self, model: nn.Module, config: SelectorConfig):
-        self.config = config.scoring()
+        self.config = config.scoring()  # idempotent: a resolved config stays as it is
         layers = self.config.sketch_layers or len(decoder_layers(model))
         self.split = LayerSplit(model, layers, chunk_tokens=self.config.chunk_tokens)
         self.targets = sketch_targets(

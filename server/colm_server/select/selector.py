@@ -43,7 +43,8 @@ class Selector:
         if model is None and config.strategy not in _MODEL_FREE:
             raise ValueError(f"strategy {config.strategy!r} needs a model")
         self.config = config
-        self.scorer = Scorer(model, config) if model is not None else None
+        self.scoring_config = config.scoring()  # colm-paper's fixed settings, resolved once
+        self.scorer = Scorer(model, self.scoring_config) if model is not None else None
         self.tracker = SourceTracker()
         self.normalizer = AdamNormalizer(beta1=config.beta1, beta2=config.beta2)
 
@@ -63,7 +64,7 @@ class Selector:
                  if cfg.keep_small else set())
         budget = min(cfg.batch_size, len(batch))
         ctx = SelectionContext(
-            config=cfg,
+            config=self.scoring_config,
             budget=budget,
             groups=groups,
             allocation=allocate_budget(counts, budget, small),

@@ -25,7 +25,7 @@ Picked = tuple[torch.Tensor, torch.Tensor]  # rows [k] (long), weights [k] (floa
 class SelectionContext:
     """Everything a strategy may use for one large batch."""
 
-    config: SelectorConfig
+    config: SelectorConfig  # as scored: colm-paper's settings already applied
     budget: int  # samples to select
     groups: dict[str, torch.Tensor]  # source -> its rows in the batch
     allocation: dict[str, int]  # source -> samples to select from it
@@ -83,7 +83,7 @@ def colm(ctx: SelectionContext) -> Picked:
     The features are the sketch as it is (``sketch.features()``), unless the paper's chain is
     on: Adam-like per-sample normalisation and/or top-|mean| sparsification per source.
     """
-    cfg = ctx.config.scoring()
+    cfg = ctx.config
     picked: list[Picked] = []
     clustered: dict[str, torch.Tensor] = {}
     for s, rows in ctx.groups.items():
