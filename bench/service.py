@@ -31,9 +31,9 @@ import grpc
 import torch
 import webdataset as wds
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.stream import CoresetStream
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
 

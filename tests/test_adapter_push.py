@@ -12,12 +12,13 @@ import grpc
 import pytest
 import torch
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
-from colm_client.sync import AdapterSync, adapter_chunks, adapter_state
+from colm_client.sync import AdapterSync
 from colm_server.model.load import attach_lora
 from colm_server.model.tiny import tiny_model
 from colm_server.service.server import ADAPTER_FILE, SelectorServer
+from colm_wire.adapter import adapter_chunks, adapter_state
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from test_service import make_config, target
 
 R = 2560

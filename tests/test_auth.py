@@ -19,15 +19,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from colm_client.channel import TLS_CA_ENV, TOKEN_FILE_ENV, open_channel
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.status import main as status_main
 from colm_client.status import serving, status
 from colm_client.stream import CoresetStream, CoresetStreamError
-from colm_client.sync import AdapterSync, adapter_chunks
+from colm_client.sync import AdapterSync
 from colm_server.config import load_config
 from colm_server.service.server import SelectorServer
 from colm_server.train import parse_args, train
+from colm_wire.adapter import adapter_chunks
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from conftest import lora_model
 from test_service import make_config, target
 

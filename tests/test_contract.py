@@ -11,14 +11,14 @@ import math
 import grpc
 import pytest
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.stream import CoresetStream, CoresetStreamError
 from colm_server import contract
 from colm_server.config import ModelConfig, from_dict, to_dict
 from colm_server.jobs import trainer_args
 from colm_server.service.server import SelectorServer
 from colm_server.train import parse_args, train
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from test_service import make_config, take, target
 
 

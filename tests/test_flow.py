@@ -16,14 +16,14 @@ import grpc
 import pytest
 import torch
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.stream import CoresetStream, CoresetStreamError
 from colm_server.data.collate import Collator
 from colm_server.model.tiny import build_tokenizer
 from colm_server.service.job import Job, JobStopped
 from colm_server.service.journal import Journal
 from colm_server.service.server import SelectorServer
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from test_service import make_config, take, target
 
 TIMEOUT = 30.0  # upper bound of every wait; a passing test never gets near it

@@ -19,12 +19,13 @@ import torch
 import webdataset as wds
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_client.stream import CoresetStream, CoresetStreamError
-from colm_client.sync import AdapterSync, adapter_chunks
+from colm_client.sync import AdapterSync
 from colm_server.config import fingerprint, load_config
 from colm_server.service.server import SelectorServer
+from colm_wire.adapter import adapter_chunks
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from conftest import lora_model, make_records
 
 B, L, W = 4, 8, 2
@@ -196,7 +197,7 @@ def test_adapter_push_is_applied_and_later_selections_use_it(server):
     assert sync.maybe_push(step=0) == 1
     sync.close()
     live = {k: v for k, v in server.job.adapter.items()}
-    from colm_client.sync import adapter_state
+    from colm_wire.adapter import adapter_state
 
     for name, value in adapter_state(trainer).items():
         assert torch.equal(live[name], value.detach())
@@ -206,7 +207,7 @@ def test_adapter_push_is_applied_and_later_selections_use_it(server):
 
 @pytest.mark.parametrize("corrupt", ["shape", "nan", "checksum", "unknown", "missing", "job"])
 def test_a_bad_push_is_refused_whole(server, corrupt):
-    from colm_client.sync import adapter_state
+    from colm_wire.adapter import adapter_state
 
     state = {k: v.detach().clone() for k, v in adapter_state(lora_model("llama", seed=3)).items()}
     before = {k: v.clone() for k, v in server.job.adapter.items()}

@@ -10,8 +10,8 @@ from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from colm_client.channel import TLS_CA_ENV, TOKEN_FILE_ENV, open_channel, read_token
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 

@@ -14,9 +14,9 @@ import grpc
 import torch
 
 from colm_client.channel import TOKEN_FILE_ENV, open_channel, resolve_tls_ca, resolve_token
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
-from colm_client.tensors import from_proto
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
+from colm_wire.tensors import from_proto
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
 from colm_server.data.shards import REASONS, ShardConfig, ShardStream
 from colm_server.service.server import SelectorServer
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from test_service import B, L, W, make_config, take_all, target
 
 from .conftest import fuzz

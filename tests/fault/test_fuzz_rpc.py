@@ -25,12 +25,12 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
-from colm_client.sync import adapter_chunks
-from colm_client.tensors import DTYPES
 from colm_server.config import fingerprint
 from colm_server.service.server import SelectorServer
+from colm_wire.adapter import adapter_chunks
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
+from colm_wire.tensors import DTYPES
 from test_service import B, make_config, target
 
 from .conftest import fuzz

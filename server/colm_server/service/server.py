@@ -17,9 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
-from colm_client.sync import adapter_state
 from colm_server.config import Config, fingerprint
 from colm_server.contract import settings
 from colm_server.data.collate import Collator
@@ -31,6 +28,9 @@ from colm_server.service.job import Job
 from colm_server.service.journal import Journal
 from colm_server.service.metrics import SelectorMetrics
 from colm_server.service.servicer import SelectorServicer
+from colm_wire.adapter import adapter_state
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,6 @@ from collections.abc import Mapping
 
 import grpc
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.proto import selector_pb2_grpc as pb_grpc
-from colm_client.tensors import to_proto
 from colm_server.contract import mismatches
 from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 from colm_server.service.batches import RankBatch
@@ -18,6 +15,9 @@ from colm_server.service.job import Job, JobStopped
 from colm_server.service.journal import StepNotJournaled
 from colm_server.service.quote import quote
 from colm_server.service.sync import AdapterError, receive_adapter
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2_grpc as pb_grpc
+from colm_wire.tensors import to_proto
 
 logger = logging.getLogger(__name__)
 

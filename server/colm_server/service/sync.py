@@ -7,9 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
-from colm_client.proto import selector_pb2 as pb
-from colm_client.tensors import from_bytes
 from colm_server.service.quote import quote
+from colm_wire.proto import selector_pb2 as pb
+from colm_wire.tensors import from_bytes
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 

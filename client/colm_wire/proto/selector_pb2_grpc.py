@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from colm_client.proto import selector_pb2 as colm__client_dot_proto_dot_selector__pb2
+from colm_wire.proto import selector_pb2 as colm__wire_dot_proto_dot_selector__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in colm_client/proto/selector_pb2_grpc.py depends on'
+        + ' but the generated code in colm_wire/proto/selector_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class SelectorStub:
         """
         self.Stream = channel.stream_stream(
                 '/colm.v1.Selector/Stream',
-                request_serializer=colm__client_dot_proto_dot_selector__pb2.StreamRequest.SerializeToString,
-                response_deserializer=colm__client_dot_proto_dot_selector__pb2.CoresetBatch.FromString,
+                request_serializer=colm__wire_dot_proto_dot_selector__pb2.StreamRequest.SerializeToString,
+                response_deserializer=colm__wire_dot_proto_dot_selector__pb2.CoresetBatch.FromString,
                 _registered_method=True)
         self.PushAdapter = channel.stream_unary(
                 '/colm.v1.Selector/PushAdapter',
-                request_serializer=colm__client_dot_proto_dot_selector__pb2.AdapterChunk.SerializeToString,
-                response_deserializer=colm__client_dot_proto_dot_selector__pb2.PushReply.FromString,
+                request_serializer=colm__wire_dot_proto_dot_selector__pb2.AdapterChunk.SerializeToString,
+                response_deserializer=colm__wire_dot_proto_dot_selector__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/colm.v1.Selector/Status',
-                request_serializer=colm__client_dot_proto_dot_selector__pb2.StatusRequest.SerializeToString,
-                response_deserializer=colm__client_dot_proto_dot_selector__pb2.StatusReply.FromString,
+                request_serializer=colm__wire_dot_proto_dot_selector__pb2.StatusRequest.SerializeToString,
+                response_deserializer=colm__wire_dot_proto_dot_selector__pb2.StatusReply.FromString,
                 _registered_method=True)
 
 
@@ -83,18 +83,18 @@ def add_SelectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=colm__client_dot_proto_dot_selector__pb2.StreamRequest.FromString,
-                    response_serializer=colm__client_dot_proto_dot_selector__pb2.CoresetBatch.SerializeToString,
+                    request_deserializer=colm__wire_dot_proto_dot_selector__pb2.StreamRequest.FromString,
+                    response_serializer=colm__wire_dot_proto_dot_selector__pb2.CoresetBatch.SerializeToString,
             ),
             'PushAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.PushAdapter,
-                    request_deserializer=colm__client_dot_proto_dot_selector__pb2.AdapterChunk.FromString,
-                    response_serializer=colm__client_dot_proto_dot_selector__pb2.PushReply.SerializeToString,
+                    request_deserializer=colm__wire_dot_proto_dot_selector__pb2.AdapterChunk.FromString,
+                    response_serializer=colm__wire_dot_proto_dot_selector__pb2.PushReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=colm__client_dot_proto_dot_selector__pb2.StatusRequest.FromString,
-                    response_serializer=colm__client_dot_proto_dot_selector__pb2.StatusReply.SerializeToString,
+                    request_deserializer=colm__wire_dot_proto_dot_selector__pb2.StatusRequest.FromString,
+                    response_serializer=colm__wire_dot_proto_dot_selector__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class Selector:
             request_iterator,
             target,
             '/colm.v1.Selector/Stream',
-            colm__client_dot_proto_dot_selector__pb2.StreamRequest.SerializeToString,
-            colm__client_dot_proto_dot_selector__pb2.CoresetBatch.FromString,
+            colm__wire_dot_proto_dot_selector__pb2.StreamRequest.SerializeToString,
+            colm__wire_dot_proto_dot_selector__pb2.CoresetBatch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class Selector:
             request_iterator,
             target,
             '/colm.v1.Selector/PushAdapter',
-            colm__client_dot_proto_dot_selector__pb2.AdapterChunk.SerializeToString,
-            colm__client_dot_proto_dot_selector__pb2.PushReply.FromString,
+            colm__wire_dot_proto_dot_selector__pb2.AdapterChunk.SerializeToString,
+            colm__wire_dot_proto_dot_selector__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Selector:
             request,
             target,
             '/colm.v1.Selector/Status',
-            colm__client_dot_proto_dot_selector__pb2.StatusRequest.SerializeToString,
-            colm__client_dot_proto_dot_selector__pb2.StatusReply.FromString,
+            colm__wire_dot_proto_dot_selector__pb2.StatusRequest.SerializeToString,
+            colm__wire_dot_proto_dot_selector__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

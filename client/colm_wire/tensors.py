@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from colm_client.proto import selector_pb2 as pb
+from colm_wire.proto import selector_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
