@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from colm_server.data.collate import Batch, Collator
 from colm_server.model.load import attach_lora
@@ -63,3 +65,15 @@ def lora_model(arch: str = "llama", seed: int = 0, trained: bool = True):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.eval()
     return model
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout: float = 120.0) -> None:
+    """``mp.spawn`` with a deadline: ranks that hang fail the test instead of stalling the run."""
+    ranks = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=max(deadline - time.monotonic(), 0)):  # raises if a rank failed
+        if time.monotonic() >= deadline:
+            for p in ranks.processes:
+                p.kill()
+                p.join()
+            pytest.fail(f"{nprocs} ranks still running after {timeout:.0f}s")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client.loss import weighted_loss
@@ -17,7 +15,7 @@ from colm_server.data.collate import Collator
 from colm_server.launch import free_port
 from colm_server.model.tiny import build_tokenizer
 from colm_wire.proto import selector_pb2 as pb
-from conftest import lora_model, make_records
+from conftest import lora_model, make_records, spawn_ranks
 
 # Rank 0 holds samples kept whole (weight 1), rank 1 heavily weighted ones: normalising each
 # rank by its own weights gives rank 0's 4 units the same pull as rank 1's 115.
@@ -97,18 +95,6 @@ def _ddp_rank(rank: int, port: int, out: str) -> None:
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
-
-
-def spawn_ranks(fn, args: tuple, nprocs: int, timeout: float = 120.0) -> None:
-    """``mp.spawn`` with a deadline: ranks that hang fail the test instead of stalling the run."""
-    ranks = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not ranks.join(timeout=max(deadline - time.monotonic(), 0)):  # raises if a rank failed
-        if time.monotonic() >= deadline:
-            for p in ranks.processes:
-                p.kill()
-                p.join()
-            pytest.fail(f"{nprocs} ranks still running after {timeout:.0f}s")
 
 
 def test_a_two_rank_ddp_step_gets_the_gradient_of_the_whole_steps_weighted_loss(tmp_path):

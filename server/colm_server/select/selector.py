@@ -13,6 +13,7 @@ from colm_server.data.collate import Batch
 from colm_server.select.budget import SourceTracker, allocate_budget
 from colm_server.select.config import SelectorConfig
 from colm_server.select.normalize import AdamNormalizer
+from colm_server.select.replicas import ReplicaScorer
 from colm_server.select.scoring import Scorer
 from colm_server.select.strategies import STRATEGIES, SelectionContext
 
@@ -39,12 +40,18 @@ def group_rows(sources: list[str]) -> dict[str, torch.Tensor]:
 class Selector:
     """Applies a strategy to large batches; `state_dict` holds what the next step depends on."""
 
-    def __init__(self, model: nn.Module | None, config: SelectorConfig):
+    def __init__(self, model: nn.Module | None, config: SelectorConfig, *, replicas: bool = False):
+        """``replicas``: split the scoring of every batch over torch.distributed's processes,
+        which must all call `select` with the same batches (see `select.replicas`)."""
         if model is None and config.strategy not in _MODEL_FREE:
             raise ValueError(f"strategy {config.strategy!r} needs a model")
         self.config = config
         self.scoring_config = config.scoring()  # colm-paper's fixed settings, resolved once
-        self.scorer = Scorer(model, self.scoring_config) if model is not None else None
+        self.scorer: Scorer | ReplicaScorer | None = None
+        if model is not None:
+            self.scorer = Scorer(model, self.scoring_config)
+            if replicas:
+                self.scorer = ReplicaScorer(self.scorer)
         self.tracker = SourceTracker()
         self.normalizer = AdamNormalizer(beta1=config.beta1, beta2=config.beta2)
 
@@ -80,7 +87,7 @@ class Selector:
         ctx.timings["total"] = time.perf_counter() - start
         return Selection(indices, weights.float(), self._stats(batch, ctx, indices))
 
-    def _scorer(self) -> Scorer:
+    def _scorer(self) -> Scorer | ReplicaScorer:
         if self.scorer is None:
             raise ValueError(f"strategy {self.config.strategy!r} needs a model")
         return self.scorer
@@ -113,6 +120,7 @@ class Selector:
         self.normalizer.load_state_dict(state["normalizer"])
 
 
-def build_selector(model: nn.Module | None, config: SelectorConfig) -> Selector:
-    """A selector for `model` (None is enough for random, stratified and full)."""
-    return Selector(model, config)
+def build_selector(model: nn.Module | None, config: SelectorConfig, *, replicas: bool = False) -> Selector:
+    """A selector for `model` (None is enough for random, stratified and full); ``replicas``
+    splits its scoring over the processes of torch.distributed."""
+    return Selector(model, config, replicas=replicas)
