@@ -119,13 +119,30 @@ def test_shards_of_a_source_sorted_input_each_hold_a_mix_of_sources(tmp_path):
 def test_the_selector_can_tell_manifests_of_unshuffled_shards(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", by_source(5))
     prepare([path], tmp_path / "mixed")
-    prepare([path], tmp_path / "ordered", shuffle_seed=None)
+    ordered = prepare([path], tmp_path / "ordered", shuffle_seed=None)
+    assert ordered["source_runs"] == len({r["source"] for r in by_source(5)})
     old = tmp_path / "old"  # written before prepare recorded its shuffle
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"shards": [], "sources": {}}))
     urls = [str(tmp_path / d / "manifest.json") for d in ("mixed", "ordered", "old")]
     assert unshuffled_manifests(urls) == urls[1:]
     assert unshuffled_manifests(f"{tmp_path}/mixed/shard-{{000000..000001}}.tar") == []
+
+
+def test_input_order_counts_only_when_it_groups_sources(tmp_path):
+    """Unshuffled but already mixed, as the synthetic mixture and interleaved inputs are: no warning."""
+    assert main(["synthetic", "--out", str(tmp_path / "synthetic"), "--records", "400"]) == 0
+    interleaved = prepare([write_jsonl(tmp_path / "in.jsonl", rows(40, ("a", "b", "c")))],
+                          tmp_path / "interleaved", shuffle_seed=None)
+    assert interleaved["source_runs"] == 40
+    grouped = prepare([write_jsonl(tmp_path / "sorted.jsonl", sorted(rows(40, ("a", "b", "c")),
+                                                                      key=lambda r: r["source"]))],
+                      tmp_path / "grouped", shuffle_seed=None)
+    urls = [str(tmp_path / d / "manifest.json") for d in ("synthetic", "interleaved", "grouped")]
+    synthetic = json.loads(Path(urls[0]).read_text())
+    assert "shuffle_seed" not in synthetic and len(synthetic["sources"]) == 8
+    assert unshuffled_manifests(urls) == urls[2:]
+    assert grouped["source_runs"] == 3
 
 
 def test_the_shuffle_is_seeded(tmp_path):

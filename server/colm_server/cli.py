@@ -1,32 +1,87 @@
-"""Console entry points: `colm-stream demo` and `colm-selector serve`."""
+"""Console entry points: ``colm-stream COMMAND`` for every job, and ``colm-selector serve``.
+
+``colm-stream COMMAND ARGS`` hands ARGS to that job's own entry point, so ``colm-stream train`` is
+``colm-train``, ``colm-stream serve`` is ``colm-selector serve`` and so on; the older script names
+keep working. Each job's module is imported only when it runs, so ``--help`` stays quick.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Entry = Callable[[list[str]], "int | None"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`colm-stream`: the user-facing jobs."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "demo":
-        print("usage: colm-stream demo [options]", file=sys.stderr)
-        raise SystemExit(2)
+def _demo(argv: list[str]) -> int | None:
     from colm_server.demo import main as demo
 
-    demo(argv[1:])
+    return demo(argv)
+
+
+def _train(argv: list[str]) -> int | None:
+    from colm_server.train import main as train
+
+    return train(argv)
+
+
+def _data(argv: list[str]) -> int | None:
+    from colm_server.data.prepare import main as data
+
+    return data(argv)
+
+
+def _status(argv: list[str]) -> int | None:
+    from colm_client.status import main as status
+
+    return status(argv)
+
+
+def _serve(argv: list[str]) -> None:
+    serve_main(argv, prog="colm-stream serve")
+
+
+def _model(argv: list[str]) -> None:
+    model_main(argv, prog="colm-stream model")
+
+
+SERVE_HELP = "run the selector service for one job"
+JOBS: dict[str, tuple[Entry, str]] = {
+    "demo": (_demo, "coreset training end to end on a built-in synthetic mixture, offline"),
+    "serve": (_serve, f"{SERVE_HELP} (= colm-selector serve)"),
+    "train": (_train, "train LoRA on the selector's weighted coresets (= colm-train)"),
+    "data": (_data, "write WebDataset shards from JSONL, datasets or the synthetic mixture (= colm-data)"),
+    "status": (_status, "show a running selector's progress and health (= colm-status)"),
+    "model": (_model, "prepare models ahead of time: 'model warm SOURCE' converts a GGUF into the cache"),
+}
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """``colm-stream``: the user-facing jobs, one subcommand each."""
+    return _dispatch(
+        "colm-stream", "Coreset selection for LoRA fine-tuning: every job, one subcommand each.",
+        JOBS, sys.argv[1:] if argv is None else list(argv),
+    )
 
 
 def selector_main(argv: list[str] | None = None) -> None:
-    """`colm-selector serve --config job.yaml --set selector.batch_size=16 ...`."""
+    """``colm-selector serve --config job.yaml --set selector.batch_size=16 ...``."""
+    jobs: dict[str, tuple[Entry, str]] = {
+        "serve": (lambda rest: serve_main(rest, prog="colm-selector serve"), SERVE_HELP),
+    }
+    _dispatch("colm-selector", "The selector service.", jobs, sys.argv[1:] if argv is None else list(argv))
+
+
+def serve_main(argv: list[str], prog: str = "colm-stream serve") -> None:
+    """Run the selector server for the job that ``argv`` configures (YAML file and --set overrides)."""
     from colm_server.config import add_cli_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(prog="colm-selector")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="run the selector server for one job")
-    add_cli_arguments(serve_p)
-    serve_p.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog=prog, description="Run the selector service for one job.")
+    add_cli_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -38,3 +93,45 @@ def selector_main(argv: list[str] | None = None) -> None:
     from colm_server.service.server import serve
 
     serve(config)
+
+
+def model_main(argv: list[str], prog: str = "colm-stream model") -> None:
+    """``colm-stream model warm SOURCE``: convert a GGUF source into the cache ahead of time."""
+    parser = argparse.ArgumentParser(prog=prog, description="Prepare models ahead of time.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    warm = sub.add_parser(
+        "warm", help="convert a GGUF source into the model cache now, so that no job has to",
+        description="Convert a GGUF source into the model cache now (e.g. while building an image), "
+                    "so that no job has to; prints the cached folder. Safe to run beside jobs that "
+                    "load the same model.")
+    warm.add_argument("source", help="'smollm2' or a .gguf file")
+    warm.add_argument("--cache-dir", type=Path, default=None,
+                      help="cache root (default: $COLM_GGUF_CACHE, else ~/.cache/colm-stream/gguf)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from colm_server.model.load import warm_cache
+
+    try:
+        folder = warm_cache(args.source, args.cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        warm.error(str(exc))
+    except (RuntimeError, OSError) as exc:  # a failed conversion, or a cache it cannot write to
+        warm.exit(1, f"{warm.prog}: {exc}\n")
+    print(folder)
+
+
+def _dispatch(prog: str, description: str, jobs: dict[str, tuple[Entry, str]], argv: list[str]) -> int | None:
+    """Run ``jobs[argv[0]]`` on the rest of ``argv``; otherwise print help or a usage error and exit."""
+    if argv and argv[0] in jobs:
+        return jobs[argv[0]][0](argv[1:])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=f"'{prog} COMMAND --help' shows a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for name, (_, help_text) in jobs.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    parser.parse_args(argv)  # exits: help (0), or no / an unknown command (2)
+    parser.error(f"cannot run {argv!r}")  # not reached: every command was dispatched above
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

