@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colm_server.data.collate import Batch
 from colm_server.model.load import decoder_layers
 from colm_server.model.split import LayerSplit
+from colm_server.select.batch import TokenBatch
 from colm_server.select.exact import per_sample_grads
 from colm_server.select.targets import SketchTarget, sketch_targets
 
@@ -17,7 +17,7 @@ def adapter_targets(model: nn.Module) -> list[SketchTarget]:
     return sketch_targets(list(decoder_layers(model)), params="adapter", probe_module="v_proj")
 
 
-def adapter_grads(model: nn.Module, batch: Batch, micro_batch: int = 8) -> torch.Tensor:
+def adapter_grads(model: nn.Module, batch: TokenBatch, micro_batch: int = 8) -> torch.Tensor:
     """Exact per-sample gradients of every LoRA matrix, ``[N, D]``, a few samples at a time."""
     split = LayerSplit(model, num_top_layers=len(decoder_layers(model)))
     targets = adapter_targets(model)

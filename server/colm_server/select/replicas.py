@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from colm_server.data.collate import Batch as ScoredBatch
+from colm_server.select.batch import TokenBatch
 from colm_server.select.scoring import Scorer
 from colm_server.select.sketch import DenseSketch, LowRankSketch, Sketch
 
@@ -49,12 +49,12 @@ class ReplicaScorer:
     def config(self):
         return self.scorer.config
 
-    def _mine(self, batch: ScoredBatch) -> tuple[ScoredBatch, list[int]]:
+    def _mine(self, batch: TokenBatch) -> tuple[TokenBatch, list[int]]:
         rows = share(len(batch), self.rank, self.world)
         sizes = [len(share(len(batch), r, self.world)) for r in range(self.world)]
         return batch.subset(list(rows)), sizes
 
-    def sketch(self, batch: ScoredBatch, step: int) -> Sketch:
+    def sketch(self, batch: TokenBatch, step: int) -> Sketch:
         """The whole batch's sketch, each replica having scored its share."""
         mine, sizes = self._mine(batch)
         local = self.scorer.sketch(mine, step)
@@ -64,7 +64,7 @@ class ReplicaScorer:
             return DenseSketch(all_gather_rows(local.grads, sizes, self.group))
         raise TypeError(f"cannot gather a {type(local).__name__}")
 
-    def losses(self, batch: ScoredBatch) -> torch.Tensor:
+    def losses(self, batch: TokenBatch) -> torch.Tensor:
         """Per-sample losses of the whole batch, each replica having computed its share."""
         mine, sizes = self._mine(batch)
         return all_gather_rows(self.scorer.losses(mine), sizes, self.group)

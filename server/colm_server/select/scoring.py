@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from colm_server.data.collate import Batch
 from colm_server.model.load import decoder_layers
 from colm_server.model.split import LayerSplit, PrefixCache
 from colm_server.select.activations import activation_sketch
+from colm_server.select.batch import TokenBatch
 from colm_server.select.config import SelectorConfig
 from colm_server.select.exact import exact_sketch
 from colm_server.select.sketch import Sketch
@@ -29,17 +29,17 @@ class Scorer:
             self.split.top, params=self.config.sketch_params, probe_module=self.config.probe_module
         )
 
-    def prefix(self, batch: Batch) -> PrefixCache:
+    def prefix(self, batch: TokenBatch) -> PrefixCache:
         """Run the model up to the sketched layers once for `batch`."""
         return self.split.prefix(batch.input_ids, batch.attention_mask, batch.labels)
 
-    def chunks(self, batch: Batch) -> Iterator[PrefixCache]:
+    def chunks(self, batch: TokenBatch) -> Iterator[PrefixCache]:
         """Prefix caches of consecutive chunks of ``sketch_chunk`` samples, made one at a time."""
         size = self.config.sketch_chunk
         for start in range(0, len(batch), size):
             yield self.prefix(batch.subset(list(range(start, min(start + size, len(batch))))))
 
-    def sketch(self, batch: Batch, step: int) -> Sketch:
+    def sketch(self, batch: TokenBatch, step: int) -> Sketch:
         """Per-sample gradient sketch of the batch at the current weights."""
         cfg = self.config
         if cfg.sketch == "zo":
@@ -49,6 +49,6 @@ class Scorer:
         return build(self.split, self.chunks(batch), self.targets, dim=cfg.sketch_dim, seed=cfg.seed)
 
     @torch.inference_mode()
-    def losses(self, batch: Batch) -> torch.Tensor:
+    def losses(self, batch: TokenBatch) -> torch.Tensor:
         """Per-sample mean response-token losses ``[N]``."""
         return self.split.losses(self.prefix(batch))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from colm_server.data.collate import Batch
+from colm_server.select.batch import TokenBatch
 from colm_server.select.budget import SourceTracker, allocate_budget
 from colm_server.select.config import SelectorConfig
 from colm_server.select.normalize import AdamNormalizer
@@ -29,7 +29,7 @@ class Selection:
     stats: dict
 
 
-def group_rows(sources: list[str]) -> dict[str, torch.Tensor]:
+def group_rows(sources: Sequence[str]) -> dict[str, torch.Tensor]:
     """Source name -> its row indices, sources in sorted order for determinism."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(sources):
@@ -60,7 +60,7 @@ class Selector:
         recognised from the first step instead of after the stream has shown them."""
         self.tracker.observe_counts(counts)
 
-    def select(self, batch: Batch, step: int) -> Selection:
+    def select(self, batch: TokenBatch, step: int) -> Selection:
         """Choose ``min(b, len(batch))`` samples of `batch` (all of them for ``full``)."""
         cfg = self.config
         start = time.perf_counter()
@@ -93,7 +93,7 @@ class Selector:
         return self.scorer
 
     @staticmethod
-    def _stats(batch: Batch, ctx: SelectionContext, indices: torch.Tensor) -> dict:
+    def _stats(batch: TokenBatch, ctx: SelectionContext, indices: torch.Tensor) -> dict:
         chosen = [batch.sources[i] for i in indices.tolist()]
         return {
             "sources": {
