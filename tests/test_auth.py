@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hmac
 import ipaddress
 import itertools
 import logging
@@ -175,6 +176,44 @@ def test_health_checks_need_no_token(token_server):
     with pytest.raises(SystemExit) as health:
         status_main(["--health", target(token_server)])
     assert health.value.code == 0
+
+
+@pytest.mark.parametrize("sent", [TOKEN[:-1], TOKEN + "0", TOKEN.upper(), " " + TOKEN,
+                                  TOKEN[:-1] + chr(ord(TOKEN[-1]) ^ 1)],
+                         ids=["prefix", "extended", "upper-case", "leading-space", "last-bit"])
+def test_only_the_exact_token_passes(token_server, sent):
+    with open_channel(target(token_server), token=sent) as channel, pytest.raises(grpc.RpcError) as err:
+        call(channel, "Status")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tokens_are_compared_whole_in_constant_time(token_server, monkeypatch):
+    compared, real = [], hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    for sent in (TOKEN, "w"):
+        with open_channel(target(token_server), token=sent) as channel:
+            try:
+                call(channel, "Status")
+            except grpc.RpcError:
+                pass
+    expected = f"Bearer {TOKEN}".encode()
+    assert compared == [(expected, expected), (b"Bearer w", expected)]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
+def test_an_unknown_method_is_refused_like_a_known_one_without_the_token(token_server, streaming):
+    codes = []
+    for token in ("", TOKEN):
+        with open_channel(target(token_server), token=token) as channel:
+            method = "/colm.v1.Selector/NotAMethod"
+            try:
+                if streaming:
+                    next(channel.stream_stream(method)(iter([b""]), timeout=10))
+                else:
+                    channel.unary_unary(method)(b"", timeout=10)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED]
 
 
 def test_colm_status_reads_the_token_file(token_server, token_file, capsys):

@@ -111,6 +111,14 @@ class ServiceConfig:
     tls_key: str = _field("", "PEM private key of tls_cert")
     metrics_port: int | None = _field(
         None, "serve Prometheus metrics at http://host:port/metrics; 0 = a free port; null = off")
+    first_message_timeout: float = _field(
+        10.0, "seconds a call may take to send its first message (a stream's Join, a push's first chunk); "
+        "then it is ended with DEADLINE_EXCEEDED")
+    chunk_timeout: float = _field(
+        30.0, "seconds an adapter push may pause between two chunks, or wait for a push slot; "
+        "then it is ended (DEADLINE_EXCEEDED, or RESOURCE_EXHAUSTED without a slot)")
+    max_pushes: int = _field(
+        2, "adapter pushes received at once (each holds at most the adapter's bytes); more wait for a slot")
 
     def __post_init__(self) -> None:
         _check_types(self, "service")
@@ -119,8 +127,12 @@ class ServiceConfig:
         _check(0 <= self.port <= 65535, "service.port", f"must be in [0, 65535], got {self.port}")
         _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "service.metrics_port",
                f"must be null or in [0, 65535], got {self.metrics_port}")
-        for name in ("world_size", "prefetch", "max_inflight", "max_message_mb", "max_adapter_mb"):
+        for name in ("world_size", "prefetch", "max_inflight", "max_message_mb", "max_adapter_mb",
+                     "max_pushes"):
             _check(getattr(self, name) >= 1, f"service.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("first_message_timeout", "chunk_timeout"):  # a day: any longer wait is a stuck call
+            _check(0 < getattr(self, name) <= 86400, f"service.{name}",
+                   f"must be in (0, 86400] seconds, got {getattr(self, name)}")
         _check(self.max_message_mb < 2048, "service.max_message_mb",
                f"must be < 2048 (gRPC's limit), got {self.max_message_mb}")
         window = self.prefetch + self.max_inflight  # a reconnecting rank may ask for any step in it

@@ -24,7 +24,7 @@ _FACTORIES = {
 }
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuse calls without the shared token with ``UNAUTHENTICATED``; health checks pass untouched."""
 
     def __init__(self, token: str):
@@ -42,12 +42,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return None
         return "the token does not match the selector's"
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIX):
-            return handler
+            return await continuation(handler_call_details)
         reason = self._refusal(handler_call_details.invocation_metadata)
+        handler = await continuation(handler_call_details)
         if reason is None:
             return handler
         logger.warning("refused %s: %s", method, reason)
@@ -61,8 +61,8 @@ def _refuse(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMetho
     method gets a streaming one, so an unauthenticated caller cannot tell it from a known one.
     """
 
-    def abort(request_or_iterator, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+    async def abort(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     kind = (handler.request_streaming, handler.response_streaming) if handler else (True, True)
     return _FACTORIES[kind](abort)

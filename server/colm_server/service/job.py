@@ -8,6 +8,10 @@ restarted selector see exactly the same batches.
 
 The job is ready once its producer has selected a step or waits at the prefetch bound; when the
 producer fails it stops for good, every waiting rank gets the failure, and ``on_failure`` is told.
+
+The job's lock guards bookkeeping only: no I/O and no tensor work runs under it, so an event loop
+may call the quick methods (``connect``, ``claim_step``, ``ack``, ``snapshot``) directly, and
+``add_listener`` tells it when to look again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 class JobStopped(RuntimeError):
     """The job is shutting down; streams end with a status the client retries on."""
+
+
+class ConnectionGone(Exception):
+    """The connection is no longer its rank's live one, or its client is gone: its stream ends."""
 
 
 @dataclass
@@ -91,12 +99,34 @@ class Job:
         self.selections, self.selection_seconds = 0, 0.0  # this process only: not journaled
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
+        self._applying = threading.Lock()  # one adapter swap at a time (producer, or a push once it ended)
+        self._listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._ready = False  # the producer selected a step, or waits at the prefetch bound
         self._error: BaseException | None = None
         self._failure_told = False  # on_failure has returned
         self._thread: threading.Thread | None = None
         self._restore()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (quick, non-blocking, with the job's lock held) after every state change."""
+        with self._cond:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        with self._cond:
+            self._listeners.remove(callback)
+
+    def _notify(self) -> None:
+        """Wake the job's own waiters and tell the listeners (called with the lock held)."""
+        self._cond.notify_all()
+        for callback in self._listeners:
+            callback()
+
+    @property
+    def stopping(self) -> bool:
+        """The job is shutting down or its producer has failed: nothing new will be applied."""
+        return self._stopping or self._error is not None
 
     # --- producer -------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,7 +137,7 @@ class Job:
         """Stop producing; the step being selected is finished and journaled first."""
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
+            self._notify()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -134,33 +164,34 @@ class Job:
     def _produce(self) -> None:
         try:
             while True:
+                # Idle or not, no selection runs here: a push may be swapped in now,
+                # so a trainer waiting for its push never waits on a stalled rank.
+                self._apply_pending()
                 with self._cond:
-                    while True:
-                        # Idle or not, no selection runs here: a push may be swapped in now,
-                        # so a trainer waiting for its push never waits on a stalled rank.
-                        self._apply_pending()
-                        if self._stopping:
-                            return
-                        if self.next_step < self._slowest() + self.prefetch:
-                            break
+                    if self._stopping:
+                        return
+                    if self._pending is not None:  # pushed meanwhile: swap it in first
+                        continue
+                    if self.next_step >= self._slowest() + self.prefetch:
                         if not self._ready:  # every step the bound allows is journaled
                             self._ready = True
-                            self._cond.notify_all()
+                            self._notify()
                         self._cond.wait()
+                        continue
                     step = self.next_step
                 self._select_step(step)
         except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting rank
             logger.exception("producer failed")
             with self._cond:
                 self._error = exc
-                self._cond.notify_all()
+                self._notify()
             try:
                 if self.on_failure is not None:
                     self.on_failure(self.failure)
             finally:
                 with self._cond:  # wait_ready returns once the failure has been handled
                     self._failure_told = True
-                    self._cond.notify_all()
+                    self._notify()
 
     def _select_step(self, step: int) -> None:
         records = self.stream.take(self.world_size * self.per_rank_large)
@@ -196,7 +227,7 @@ class Job:
             self.selections += 1
             self.selection_seconds += elapsed
             self._ready = True
-            self._cond.notify_all()
+            self._notify()
         if self.on_selected is not None:
             self.on_selected(sel, elapsed)
 
@@ -243,38 +274,53 @@ class Job:
     def push_adapter(self, tensors: dict[str, torch.Tensor], trainer_step: int,
                      timeout: float | None = None) -> int:
         """Queue validated weights; return the version once applied between two selections."""
+        pending = self.queue_adapter(tensors, trainer_step)
+        if not pending.applied.wait(timeout):
+            raise TimeoutError("adapter not applied in time")
+        return pending.version
+
+    def queue_adapter(self, tensors: dict[str, torch.Tensor], trainer_step: int) -> PendingAdapter:
+        """Queue validated weights for the gap between two selections; ``applied`` is set then.
+
+        Without a running producer (not started, stopped or failed) they are applied here.
+        """
         pending = PendingAdapter(tensors, trainer_step)
         with self._cond:
             older = self._pending  # a newer push supersedes one not yet applied: its caller
             if older is not None:  # is answered with the version that replaced it
                 pending.superseded += [older, *older.superseded]
+                older.tensors = {}  # never applied: its weights need not stay in memory
             self._pending = pending
-            self._cond.notify_all()
+            self._notify()
         if self._thread is None or not self._thread.is_alive():
-            with self._cond:
-                self._apply_pending()
-        if not pending.applied.wait(timeout):
-            raise TimeoutError("adapter not applied in time")
-        return pending.version
+            self._apply_pending()
+        return pending
 
     def _apply_pending(self) -> None:
-        """Swap in the pending adapter (called with the lock held, between selections)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        with torch.no_grad():
-            for name, value in pending.tensors.items():
-                self.adapter[name].copy_(value.to(self.adapter[name]))
-        self.param_version += 1
-        self.param_step = self.next_step
-        pending.version = self.param_version
-        if self.on_adapter is not None:
-            self.on_adapter(pending.tensors, self.param_version)
-        for done in (pending, *pending.superseded):
-            done.version = self.param_version
-            done.applied.set()
-        logger.info("adapter from trainer step %d applied as version %d",
-                    pending.trainer_step, self.param_version)
+        """Swap in the pending adapter between two selections (called without the lock).
+
+        Copying and persisting run outside the lock, so bookkeeping never waits on them; the
+        version moves, and waiting pushes are answered, once the new weights are in place.
+        """
+        with self._applying:
+            with self._cond:
+                pending, self._pending = self._pending, None
+                version = self.param_version + 1
+            if pending is None:
+                return
+            with torch.no_grad():
+                for name, value in pending.tensors.items():
+                    self.adapter[name].copy_(value.to(self.adapter[name]))
+            if self.on_adapter is not None:
+                self.on_adapter(pending.tensors, version)
+            with self._cond:
+                self.param_version = version
+                self.param_step = self.next_step
+                for done in (pending, *pending.superseded):
+                    done.version = version
+                    done.applied.set()
+                self._notify()
+        logger.info("adapter from trainer step %d applied as version %d", pending.trainer_step, version)
 
     # --- consumers ------------------------------------------------------------------------
     def connect(self, rank: int, start_step: int, is_active: Callable[[], bool]) -> int:
@@ -291,7 +337,7 @@ class Job:
             state.connected, state.is_active = True, is_active
             state.next_step = start_step
             state.acked = max(state.acked, start_step - 1)
-            self._cond.notify_all()
+            self._notify()
             return state.connection
 
     def disconnect(self, rank: int, connection: int) -> None:
@@ -299,14 +345,35 @@ class Job:
             state = self.ranks[rank]
             if state.connection == connection:
                 state.connected = False
-            self._cond.notify_all()
+            self._notify()
 
     def ack(self, rank: int, step: int) -> None:
         with self._cond:
             state = self.ranks[rank]
             # A step not handed out yet cannot be consumed: a far-future ack must not lift flow control.
             state.acked = max(state.acked, min(step, state.next_step - 1))
-            self._cond.notify_all()
+            self._notify()
+
+    def claim_step(self, rank: int, connection: int) -> int | None:
+        """The step this connection may send next (committed, within credit), counted as sent;
+        None while it must wait.
+
+        Raises ConnectionGone once the connection is no longer the rank's live one or its client
+        is gone, JobStopped when the job shuts down, RuntimeError once the producer has failed.
+        """
+        with self._cond:
+            state = self.ranks[rank]
+            if self._error is not None:
+                raise RuntimeError(f"selector failed: {self._error}") from self._error
+            if self._stopping:
+                raise JobStopped("selector is shutting down")
+            if state.connection != connection or not state.connected or not state.is_active():
+                raise ConnectionGone(f"rank {rank}: connection {connection} ended")
+            step = state.next_step
+            if step < self.next_step and step - state.acked <= self.max_inflight:
+                state.next_step = step + 1
+                return step
+            return None
 
     def next_batch(self, rank: int, connection: int, poll: float = 0.5) -> RankBatch | None:
         """Block until the rank may have its next step (committed, within credit).
@@ -314,17 +381,12 @@ class Job:
         None once the connection is no longer the rank's live one or its client is gone.
         """
         with self._cond:
-            state = self.ranks[rank]
-            step = state.next_step
             while True:
-                if self._error is not None:
-                    raise RuntimeError(f"selector failed: {self._error}") from self._error
-                if self._stopping:
-                    raise JobStopped("selector is shutting down")
-                if state.connection != connection or not state.connected or not state.is_active():
+                try:
+                    step = self.claim_step(rank, connection)
+                except ConnectionGone:
                     return None
-                if step < self.next_step and step - state.acked <= self.max_inflight:
+                if step is not None:
                     break
                 self._cond.wait(poll)  # re-check the client's liveness now and then
-            state.next_step = step + 1
         return self.journal.read(step, rank)

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from colm_server.select import Selection
+from colm_server.service.inbox import Waiting
 from colm_server.service.job import Job
 
 # Selection takes milliseconds (random) to seconds (colm with a large model on a CPU).
@@ -21,10 +22,12 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 class SelectorMetrics:
     """A registry of its own (several selectors can share a process, e.g. in tests)."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, waiting: Waiting | None = None):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # resident memory, CPU seconds, open fds
         self.registry.register(_JobCollector(job))
+        if waiting is not None:
+            self.registry.register(_WaitingCollector(waiting))
         self.latency = Histogram("colm_selection_seconds", "time to select one step's coresets",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.kept = Counter("colm_small_source_kept", "samples of small sources kept whole, per source",
@@ -80,3 +83,17 @@ class _JobCollector(Collector):
                                 value=0 if first is None or last is None else last - first + 1)
         yield GaugeMetricFamily("colm_journal_bytes", "bytes of the journal on disk",
                                 value=job.journal.size_bytes())
+
+
+class _WaitingCollector(Collector):
+    """Calls waiting on a client's Join or adapter chunk, or for a push slot: slow clients show here."""
+
+    def __init__(self, waiting: Waiting):
+        self.waiting = waiting
+
+    def collect(self):
+        gauge = GaugeMetricFamily("colm_calls_waiting", "calls waiting on a client's message or a push slot",
+                                  labels=["on"])
+        for on, n in sorted(self.waiting.counts().items()):
+            gauge.add_metric([on], n)
+        yield gauge

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_ma
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import build_selector
 from colm_server.service.auth import TokenInterceptor, warn_if_exposed
+from colm_server.service.changes import Changes
+from colm_server.service.inbox import Waiting
 from colm_server.service.job import Job
 from colm_server.service.journal import Journal
+from colm_server.service.loop import EventLoopThread, LoopClosed
 from colm_server.service.metrics import SelectorMetrics
 from colm_server.service.servicer import SelectorServicer
 from colm_wire.adapter import adapter_state
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 ADAPTER_FILE = "adapter.pt"
+CALL_TIMEOUT = 30.0  # seconds a plain thread waits for a step of starting or stopping on the loop
 
 
 def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
@@ -97,6 +102,10 @@ def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
 class SelectorServer:
     """A running selector: the job's producer thread plus the gRPC server around it.
 
+    The gRPC server is asyncio's (``grpc.aio``) on an event loop of its own thread: a call waiting
+    on a slow client is a suspended coroutine, not a busy worker thread, so health checks and
+    Status answer however many such calls are open.
+
     Health answers SERVING once the producer has selected a step (or has every step the prefetch
     bound allows journaled), and NOT_SERVING before that and for good once the producer fails;
     ``failure`` then holds the reason, Status reports it, and ``on_failure`` is called with it.
@@ -106,66 +115,96 @@ class SelectorServer:
         self.config = config
         self.job, collator, model_settings = build_job(config)
         sc = config.service
-        limit = sc.max_message_mb << 20
         token = sc.auth_token()
         if token:
             warn_if_exposed(sc.auth_token_file)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * sc.world_size + 8),
-            interceptors=[TokenInterceptor(token)] if token else None,
-            options=[("grpc.max_send_message_length", limit),
-                     ("grpc.max_receive_message_length", limit)],
-        )
-        servicer = SelectorServicer(self.job, job_id=sc.job_id, fingerprint=fingerprint(config),
-                                    pad_id=collator.pad_token_id,
-                                    max_adapter_bytes=sc.max_adapter_mb << 20,
-                                    settings=model_settings)
-        pb_grpc.add_SelectorServicer_to_server(servicer, self.server)
-        self.health = health.HealthServicer()  # answers SERVING for "" until told otherwise
-        self._health_lock = threading.Lock()  # a failure always wins over a late SERVING
+        tls = sc.tls_pair()  # read here: a missing file stops the selector before it listens
         self.failure: str | None = None
         self._on_failure = on_failure
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.job.on_failure = self._failed
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address, tls = f"{sc.host}:{sc.port}", sc.tls_pair()
-        if tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind {sc.host}:{sc.port}")
         self._stopped = threading.Event()
-        self.metrics = SelectorMetrics(self.job) if sc.metrics_port is not None else None
+        self._loop = EventLoopThread("colm-grpc")
+        # Journal reads, batch messages and adapter checks: short, and never waiting on a client.
+        self._pool = ThreadPoolExecutor(max_workers=sc.world_size + sc.max_pushes + 2,
+                                        thread_name_prefix="colm-rpc")
+        self._changes = Changes(self._loop.loop)
+        self.job.add_listener(self._changes.notify_threadsafe)
+        self.waiting = Waiting()
+        self.servicer = SelectorServicer(
+            self.job, job_id=sc.job_id, fingerprint=fingerprint(config), pad_id=collator.pad_token_id,
+            max_adapter_bytes=sc.max_adapter_mb << 20, settings=model_settings, pool=self._pool,
+            changes=self._changes, first_message_timeout=sc.first_message_timeout,
+            chunk_timeout=sc.chunk_timeout, max_pushes=sc.max_pushes, waiting=self.waiting)
+        try:
+            self.port = self._loop.run(self._build(token, tls))
+        except BaseException:
+            self._close_loop()
+            raise
+        self.job.on_failure = self._failed
+        self.metrics = SelectorMetrics(self.job, self.waiting) if sc.metrics_port is not None else None
         self.metrics_port: int | None = None
         self._metrics_http = None
         if self.metrics is not None:
             self.job.on_selected = self.metrics.observe
 
-    def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+    async def _build(self, token: str | None, tls: tuple[bytes, bytes] | None) -> int:
+        """Create the server on the loop (grpc.aio binds it to the running loop); returns its port."""
+        sc = self.config.service
+        limit = sc.max_message_mb << 20
+        self.server = grpc.aio.server(
+            interceptors=[TokenInterceptor(token)] if token else None,
+            # No BDP probing: a call's receive window stays about one message, so what a client
+            # pushes ahead of the servicer's checks is bounded (pushes cross a WAN a message per RTT).
+            options=[("grpc.max_send_message_length", limit),
+                     ("grpc.max_receive_message_length", limit), ("grpc.http2.bdp_probe", 0)],
+        )
+        pb_grpc.add_SelectorServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        self._health_lock = asyncio.Lock()  # a failure always wins over a late SERVING
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{sc.host}:{sc.port}"
+        if tls is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        if port == 0:
+            raise RuntimeError(f"cannot bind {sc.host}:{sc.port}")
+        return port
+
+    async def _set_health(self, status: int) -> None:
+        """Set both names' status; SERVING only while the selector has neither failed nor stopped."""
+        async with self._health_lock:
+            serving = status == health_pb2.HealthCheckResponse.SERVING
+            if serving and (self.failure is not None or self._stopped.is_set()):
+                return
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+
+    def _tell_health(self, status: int) -> bool:
+        """Set the health from a plain thread; False once the loop is gone (the selector stopped)."""
+        try:
+            self._loop.run(self._set_health(status), timeout=CALL_TIMEOUT)
+        except (LoopClosed, TimeoutError):
+            return False
+        return True
 
     def _failed(self, reason: str) -> None:
         """The producer cannot go on: NOT_SERVING for good, say why, tell whoever waits on it."""
-        with self._health_lock:
-            self.failure = reason
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.failure = reason  # before the health call: a SERVING still queued sees it and yields
+        self._tell_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         logger.error("selector for job %r cannot go on: %s; health is NOT_SERVING",
                      self.config.service.job_id, reason)
         if self._on_failure is not None:
             self._on_failure(reason)
 
     def _serve_when_ready(self) -> None:
-        if not self.job.wait_ready():
+        if not self.job.wait_ready() or self.failure is not None or self._stopped.is_set():
             return
-        with self._health_lock:
-            if self.failure is not None or self._stopped.is_set():
-                return
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("selector for job %r serving", self.config.service.job_id)
+        if self._tell_health(health_pb2.HealthCheckResponse.SERVING) and self.failure is None \
+                and not self._stopped.is_set():
+            logger.info("selector for job %r serving", self.config.service.job_id)
 
     def start(self, wait: bool = True) -> int:
         """Start the producer and the gRPC server; health turns SERVING once the producer is ready.
@@ -178,7 +217,7 @@ class SelectorServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
             logger.info("metrics on http://%s:%d/metrics", sc.host, self.metrics_port)
-        self.server.start()  # health answers NOT_SERVING until the producer is ready
+        self._loop.run(self.server.start())  # health answers NOT_SERVING until the producer is ready
         sc = self.config.service
         logger.info("selector for job %r listening on %s:%d (%s, %s)", sc.job_id, sc.host, self.port,
                     "TLS" if sc.tls_cert else "plaintext",
@@ -190,18 +229,27 @@ class SelectorServer:
             ready.join()
         return self.port
 
+    async def _shut_health(self) -> None:
+        async with self._health_lock:
+            await self.health.enter_graceful_shutdown()
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish the step being journaled, end streams with UNAVAILABLE."""
         if self._stopped.is_set():
             return
-        with self._health_lock:
-            self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.job.stop(timeout=grace * 10)
-        self.server.stop(grace).wait()
+        self._stopped.set()
+        self._loop.run(self._shut_health(), timeout=CALL_TIMEOUT)
+        self.job.stop(timeout=grace * 10)  # waiting streams see JobStopped: UNAVAILABLE
+        self._loop.run(self.server.stop(grace), timeout=grace + CALL_TIMEOUT)
+        self._close_loop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+
+    def _close_loop(self) -> None:
+        self.job.remove_listener(self._changes.notify_threadsafe)
+        self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def serve(config: Config) -> None:

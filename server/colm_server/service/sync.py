@@ -1,15 +1,22 @@
-"""Validate an adapter push whole before anything of it reaches the selector's model."""
+"""Check an adapter push chunk by chunk, before anything of it reaches the selector's model.
+
+Each chunk is checked against its tensor's header, and each header against the selector's own
+tensor (name, shape, a float dtype, and ``nbytes`` equal to what that shape and dtype take), as it
+arrives: a push is refused at its first byte too many, so a push holds at most the adapter's own
+bytes however much its client sends. The sha256 and finite values are checked once all is in.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from colm_server.service.quote import quote
 from colm_wire.proto import selector_pb2 as pb
-from colm_wire.tensors import from_bytes
+from colm_wire.tensors import DTYPES, from_bytes
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -18,61 +25,100 @@ class AdapterError(ValueError):
     """A push that is refused whole: the selector keeps its weights."""
 
 
-def receive_adapter(chunks: Iterable[pb.AdapterChunk], *, job_id: str,
-                    expected: dict[str, torch.Size], max_bytes: int) -> tuple[int, dict]:
-    """Assemble and check a push; returns (trainer_step, name -> tensor) or raises AdapterError.
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
-    Checked: the job, every name known and present once, shapes, a float dtype, byte counts,
-    the total size, the sha256 of all bytes in order, and finite values.
+
+class AdapterReceiver:
+    """One push being received: ``feed`` each chunk in order, then ``finish``.
+
+    Either raises AdapterError at the first thing wrong; a refused receiver is not used again.
     """
-    digest = hashlib.sha256()
-    parts: dict[str, list[bytes]] = {}
-    headers: dict[str, pb.TensorHeader] = {}
-    current: str | None = None
-    total, trainer_step, checksum, first = 0, 0, "", True
-    for chunk in chunks:
-        if first:
-            if chunk.job_id != job_id:
-                raise AdapterError(f"push for job {quote(chunk.job_id)}; this selector serves {job_id!r}")
-            trainer_step, first = chunk.trainer_step, False
+
+    def __init__(self, *, job_id: str, expected: Mapping[str, torch.Size], max_bytes: int):
+        self.job_id, self.max_bytes = job_id, max_bytes
+        self.expected = {name: tuple(shape) for name, shape in expected.items()}
+        self.trainer_step = 0
+        self._digest = hashlib.sha256()
+        self._checksum = ""
+        self._started = False
+        self._declared = 0  # bytes the headers so far announce
+        self._headers: dict[str, pb.TensorHeader] = {}
+        self._buffers: dict[str, bytearray] = {}
+        self._filled: dict[str, int] = {}
+        self._current: str | None = None
+
+    def feed(self, chunk: pb.AdapterChunk) -> None:
+        """Check one chunk and keep its bytes."""
+        if not self._started:
+            if chunk.job_id != self.job_id:
+                raise AdapterError(f"push for job {quote(chunk.job_id)}; "
+                                   f"this selector serves {self.job_id!r}")
+            self.trainer_step, self._started = chunk.trainer_step, True
         if chunk.HasField("header"):
-            h = chunk.header
-            if h.name not in expected:
-                raise AdapterError(f"unknown tensor {quote(h.name)}")
-            if h.name in headers:
-                raise AdapterError(f"tensor {quote(h.name)} sent twice")
-            if tuple(h.shape) != tuple(expected[h.name]):
-                shape = list(h.shape) if len(h.shape) <= 8 else f"of {len(h.shape)} dimensions"
-                raise AdapterError(f"{h.name}: shape {shape}, expected {list(expected[h.name])}")
-            if h.dtype not in FLOAT_DTYPES:
-                raise AdapterError(f"{h.name}: dtype {quote(h.dtype)}, expected one of {FLOAT_DTYPES}")
-            headers[h.name], parts[h.name], current = h, [], h.name
-        elif current is None:
+            self._start_tensor(chunk.header)
+        elif self._current is None:
             raise AdapterError("data before the first tensor header")
-        total += len(chunk.data)
-        if total > max_bytes:
-            raise AdapterError(f"push exceeds the limit of {max_bytes} bytes")
-        parts[current].append(chunk.data)
-        digest.update(chunk.data)
+        name, data = self._current, chunk.data
+        filled, size = self._filled[name], len(self._buffers[name])
+        if len(data) > size - filled:
+            raise AdapterError(f"{name}: more bytes than the {size} its header declares")
+        self._buffers[name][filled:filled + len(data)] = data
+        self._filled[name] = filled + len(data)
+        self._digest.update(data)
         if chunk.sha256:
-            checksum = chunk.sha256
-    if first:
-        raise AdapterError("empty push")
-    missing = sorted(set(expected) - set(headers))
-    if missing:
-        raise AdapterError(f"missing tensors: {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    if checksum != digest.hexdigest():
-        raise AdapterError("checksum mismatch: the push was corrupted or truncated")
-    tensors = {}
-    for name, h in headers.items():
-        data = b"".join(parts[name])
-        if len(data) != h.nbytes:
-            raise AdapterError(f"{name}: {len(data)} bytes received, header says {h.nbytes}")
-        try:
-            tensor = from_bytes(data, list(h.shape), h.dtype)
-        except ValueError as exc:
-            raise AdapterError(f"{name}: {exc}") from exc
-        if not torch.isfinite(tensor.float()).all():
-            raise AdapterError(f"{name}: NaN or Inf values")
-        tensors[name] = tensor
-    return trainer_step, tensors
+            self._checksum = chunk.sha256
+
+    def _start_tensor(self, h: pb.TensorHeader) -> None:
+        self._check_complete(self._current)
+        if h.name not in self.expected:
+            raise AdapterError(f"unknown tensor {quote(h.name)}")
+        if h.name in self._headers:
+            raise AdapterError(f"tensor {quote(h.name)} sent twice")
+        shape = self.expected[h.name]
+        if tuple(h.shape) != shape:
+            sent = list(h.shape) if len(h.shape) <= 8 else f"of {len(h.shape)} dimensions"
+            raise AdapterError(f"{h.name}: shape {sent}, expected {list(shape)}")
+        if h.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{h.name}: dtype {quote(h.dtype)}, expected one of {FLOAT_DTYPES}")
+        size = math.prod(shape) * _itemsize(h.dtype)
+        if h.nbytes != size:
+            raise AdapterError(f"{h.name}: header says {h.nbytes} bytes, a {list(shape)} {h.dtype} "
+                               f"tensor has {size}")
+        self._declared += size
+        if self._declared > self.max_bytes:
+            raise AdapterError(f"push exceeds the limit of {self.max_bytes} bytes")
+        self._headers[h.name], self._current = h, h.name
+        self._buffers[h.name], self._filled[h.name] = bytearray(size), 0
+
+    def _check_complete(self, name: str | None) -> None:
+        if name is not None and self._filled[name] != len(self._buffers[name]):
+            raise AdapterError(f"{name}: {self._filled[name]} bytes received, header says "
+                               f"{len(self._buffers[name])}")
+
+    def finish(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(trainer_step, name -> tensor)`` once every tensor is complete, checksummed and finite."""
+        if not self._started:
+            raise AdapterError("empty push")
+        missing = sorted(set(self.expected) - set(self._headers))
+        if missing:
+            raise AdapterError(f"missing tensors: {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        self._check_complete(self._current)
+        if self._checksum != self._digest.hexdigest():
+            raise AdapterError("checksum mismatch: the push was corrupted or truncated")
+        tensors = {}
+        for name, h in self._headers.items():
+            tensor = from_bytes(self._buffers.pop(name), list(h.shape), h.dtype)
+            if not torch.isfinite(tensor.float()).all():
+                raise AdapterError(f"{name}: NaN or Inf values")
+            tensors[name] = tensor
+        return self.trainer_step, tensors
+
+
+def receive_adapter(chunks: Iterable[pb.AdapterChunk], *, job_id: str,
+                    expected: Mapping[str, torch.Size], max_bytes: int) -> tuple[int, dict]:
+    """Check a whole push given as an iterable; returns (trainer_step, name -> tensor)."""
+    receiver = AdapterReceiver(job_id=job_id, expected=expected, max_bytes=max_bytes)
+    for chunk in chunks:
+        receiver.feed(chunk)
+    return receiver.finish()
