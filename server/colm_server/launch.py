@@ -38,16 +38,21 @@ class SelectorProcess:
     """``colm-selector serve --config FILE --set ...`` as a child process on a loopback port.
 
     Its stdout and stderr go to ``log_path``. ``port=None`` picks a free port; give the same port
-    to a successor to restart a selector where its clients look for it.
+    to a successor to restart a selector where its clients look for it. ``replicas > 1`` runs it
+    under torchrun as that many selector replicas (see ``colm_server.service.replicas``).
     """
 
     def __init__(self, config: str | os.PathLike, overrides: Sequence[str] = (), *,
-                 log_path: str | os.PathLike, port: int | None = None, env: dict | None = None):
+                 log_path: str | os.PathLike, port: int | None = None, env: dict | None = None,
+                 replicas: int = 1):
         self.port = free_port() if port is None else port
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         args = [sys.executable, "-m", "colm_server.service", "serve", "--config", str(config)]
+        if replicas > 1:
+            torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(replicas)]
+            args[1:2] = [*torchrun, "-m"]
         for item in [*overrides, f"service.port={self.port}"]:  # the last --set of a key wins
             args += ["--set", item]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,

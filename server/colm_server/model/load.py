@@ -166,10 +166,14 @@ def attach_lora(
     dropout: float = 0.0,
     targets: Sequence[str] | None = None,
     adapter: str | os.PathLike | None = None,
+    seed: int = 0,
 ) -> PeftModel:
     """Wrap ``model`` (modified in place) with a new trainable LoRA adapter, or load ``adapter``.
 
     ``adapter`` is a folder saved by ``PeftModel.save_pretrained``; r/alpha/targets are then its own.
+    A new adapter's random A matrices come from ``seed``: a selector and its trainers then start
+    from the same adapter (B = 0, but the gradient of B depends on A), and so does a restarted
+    selector that has not received a push yet.
     """
     if adapter is not None:
         folder = Path(adapter)
@@ -193,7 +197,9 @@ def attach_lora(
         target_modules=list(targets) if targets is not None else default_lora_targets(model),
         task_type="CAUSAL_LM",
     )
-    with _quiet_peft():
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _quiet_peft(), torch.random.fork_rng(devices=cuda):  # the caller's RNG streams stay as they were
+        torch.manual_seed(seed)
         return get_peft_model(model, config)
 
 

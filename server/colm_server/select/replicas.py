@@ -26,13 +26,17 @@ def share(num_rows: int, rank: int, world: int) -> range:
 
 
 def all_gather_rows(local: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every replica's ``[sizes[r], ...]`` rows in rank order (padded to gather)."""
+    """Concatenate every replica's ``[sizes[r], ...]`` rows in rank order (padded to gather).
+
+    Gathered through host memory, so one gloo group serves CPU and GPU replicas alike: the rows
+    are sketches (``[n, D]``, small), not activations.
+    """
     longest = max(sizes)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype)
+    padded[: local.shape[0]] = local.cpu()
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(local.device)
 
 
 class ReplicaScorer:

@@ -29,6 +29,7 @@ from colm_server.data.shards import ShardStream
 from colm_server.select import Selection, Selector
 from colm_server.service.batches import RankBatch, deal, pack_rows
 from colm_server.service.journal import Journal
+from colm_server.service.replicas import Leader
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Job:
         on_adapter: Callable[[dict[str, torch.Tensor], int], None] | None = None,
         on_selected: Callable[[Selection, float], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        leader: Leader | None = None,
     ):
         self.selector, self.collator, self.stream, self.journal = selector, collator, stream, journal
         self.world_size, self.per_rank_large = world_size, per_rank_large
@@ -89,6 +91,7 @@ class Job:
         self.on_adapter = on_adapter  # persists an applied adapter (work dir)
         self.on_selected = on_selected  # sees each journaled selection and its seconds (metrics)
         self.on_failure = on_failure  # told the reason once the producer has failed (health, exit)
+        self.leader = leader  # with selector replicas: keeps them in lockstep (producer thread only)
         self.ranks = [RankState() for _ in range(world_size)]
         self.param_version = 0
         self.param_step = 0  # next_step when the current adapter was swapped in
@@ -163,13 +166,15 @@ class Job:
 
     def _produce(self) -> None:
         try:
+            if self.leader is not None:  # every collective runs on this thread, in one order
+                self.leader.share_state(self.journal.state())
             while True:
                 # Idle or not, no selection runs here: a push may be swapped in now,
                 # so a trainer waiting for its push never waits on a stalled rank.
                 self._apply_pending()
                 with self._cond:
                     if self._stopping:
-                        return
+                        break
                     if self._pending is not None:  # pushed meanwhile: swap it in first
                         continue
                     if self.next_step >= self._slowest() + self.prefetch:
@@ -180,6 +185,8 @@ class Job:
                         continue
                     step = self.next_step
                 self._select_step(step)
+            if self.leader is not None:  # outside the lock: the replicas' last collective
+                self.leader.announce_stop()
         except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting rank
             logger.exception("producer failed")
             with self._cond:
@@ -196,6 +203,8 @@ class Job:
     def _select_step(self, step: int) -> None:
         records = self.stream.take(self.world_size * self.per_rank_large)
         batch = self.collator(records)
+        if self.leader is not None:
+            self.leader.announce_step(step, batch.ids)
         started = time.perf_counter()
         sel = self.selector.select(batch, step=step)
         elapsed = time.perf_counter() - started
@@ -313,6 +322,8 @@ class Job:
                     self.adapter[name].copy_(value.to(self.adapter[name]))
             if self.on_adapter is not None:
                 self.on_adapter(pending.tensors, version)
+            if self.leader is not None:
+                self.leader.adapter_applied()
             with self._cond:
                 self.param_version = version
                 self.param_step = self.next_step

@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -23,7 +23,7 @@ from colm_server.contract import settings
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
-from colm_server.select import build_selector
+from colm_server.select import Selector, build_selector
 from colm_server.service.auth import TokenInterceptor, warn_if_exposed
 from colm_server.service.changes import Changes
 from colm_server.service.inbox import Waiting
@@ -31,6 +31,7 @@ from colm_server.service.job import Job
 from colm_server.service.journal import Journal
 from colm_server.service.loop import EventLoopThread, LoopClosed
 from colm_server.service.metrics import SelectorMetrics
+from colm_server.service.replicas import SINGLE, Leader, Replicas, follow
 from colm_server.service.servicer import SelectorServicer
 from colm_wire.adapter import adapter_state
 from colm_wire.proto import selector_pb2 as pb
@@ -43,11 +44,20 @@ ADAPTER_FILE = "adapter.pt"
 CALL_TIMEOUT = 30.0  # seconds a plain thread waits for a step of starting or stopping on the loop
 
 
-def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
-    """Load model, tokenizer, shards and journal; restore the job from the work dir if any.
+@dataclass
+class Engine:
+    """What every selector replica loads: the model's live adapter, the collator, the selector
+    and the record stream; plus the model's ``contract.settings``, which joining trainers must match."""
 
-    Also returns the model's ``contract.settings``, which joining trainers must match.
-    """
+    adapter: dict[str, torch.Tensor]
+    collator: Collator
+    selector: Selector
+    stream: ShardStream
+    settings: dict[str, str]
+
+
+def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
+    """Load model, tokenizer, selector and shards (the same on every replica)."""
     config.validate_for_serving()
     mc, sc = config.model, config.service
     sc.check_work_dir()  # before the model loads: a bad work dir is a config error
@@ -57,8 +67,28 @@ def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
                         targets=mc.lora_targets, adapter=mc.adapter).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # the selector never trains; sketches need no weight grads
-    adapter = adapter_state(model)
-    model_settings = settings(mc.source, mc.num_layers, model)
+    tokenizer = load_tokenizer(mc.source)
+    tc = config.tokenize
+    collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
+                        min_prompt_fraction=tc.min_prompt_fraction)
+    w = sc.world_size
+    sel_cfg = replace(config.selector, batch_size=config.selector.batch_size * w,
+                      large_batch_size=config.selector.large_batch_size * w)
+    selector = build_selector(model, sel_cfg, replicas=replicas.world > 1)
+    sizes = manifest_sources(config.data.urls)
+    if sizes:  # a restarted job then restores its own journaled counts over these
+        selector.prime_sources(sizes)
+    return Engine(adapter_state(model), collator, selector, ShardStream(config.data),
+                  settings(mc.source, mc.num_layers, model))
+
+
+def build_job(config: Config, replicas: Replicas = SINGLE) -> tuple[Job, Collator, dict[str, str]]:
+    """The engine plus journal and work dir; restores the job from the work dir if any.
+
+    Also returns the model's ``contract.settings``, which joining trainers must match.
+    """
+    engine = build_engine(config, replicas)
+    sc = config.service
     work = Path(sc.work_dir)
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -69,34 +99,24 @@ def build_job(config: Config) -> tuple[Job, Collator, dict[str, str]]:
     if saved.exists():  # the last pushed adapter, so a restarted selector scores like before
         with torch.no_grad():
             for name, value in torch.load(saved, weights_only=True).items():
-                adapter[name].copy_(value)
+                engine.adapter[name].copy_(value)
 
     def persist(tensors: dict[str, torch.Tensor], version: int) -> None:
         tmp = saved.with_suffix(".tmp")
         torch.save(tensors, tmp)
         os.replace(tmp, saved)
 
-    tokenizer = load_tokenizer(mc.source)
-    tc = config.tokenize
-    collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
-                        min_prompt_fraction=tc.min_prompt_fraction)
-    w = sc.world_size
-    sel_cfg = replace(config.selector, batch_size=config.selector.batch_size * w,
-                      large_batch_size=config.selector.large_batch_size * w)
-    selector = build_selector(model, sel_cfg)
-    sizes = manifest_sources(config.data.urls)
-    if sizes:  # a restarted job then restores its own journaled counts over these
-        selector.prime_sources(sizes)
     for path in unshuffled_manifests(config.data.urls):
         logger.warning("%s: shards written in input order; if that was sorted by source, large batches "
                        "hold one or two sources at a time (run colm-data prepare without --no-shuffle)", path)
     job = Job(
-        selector=selector, collator=collator,
-        stream=ShardStream(config.data), journal=Journal(work, retention=sc.journal_retention),
-        world_size=w, per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
-        max_inflight=sc.max_inflight, adapter=adapter, on_adapter=persist,
+        selector=engine.selector, collator=engine.collator, stream=engine.stream,
+        journal=Journal(work, retention=sc.journal_retention), world_size=sc.world_size,
+        per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
+        max_inflight=sc.max_inflight, adapter=engine.adapter, on_adapter=persist,
+        leader=Leader(engine.adapter) if replicas.world > 1 else None,
     )
-    return job, collator, model_settings
+    return job, engine.collator, engine.settings
 
 
 class SelectorServer:
@@ -111,9 +131,10 @@ class SelectorServer:
     ``failure`` then holds the reason, Status reports it, and ``on_failure`` is called with it.
     """
 
-    def __init__(self, config: Config, on_failure: Callable[[str], None] | None = None):
+    def __init__(self, config: Config, on_failure: Callable[[str], None] | None = None,
+                 replicas: Replicas = SINGLE):
         self.config = config
-        self.job, collator, model_settings = build_job(config)
+        self.job, collator, model_settings = build_job(config, replicas)
         sc = config.service
         token = sc.auth_token()
         if token:
@@ -253,11 +274,23 @@ class SelectorServer:
 
 
 def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT; exit with status 1 once the producer cannot go on."""
+    """Run until SIGTERM or SIGINT; exit with status 1 once the producer cannot go on.
+
+    Under torchrun, rank 0 is the service and the other ranks are replicas that score in lockstep
+    with it (`service.replicas`); they end when rank 0 does.
+    """
+    replicas = Replicas.from_env()
+    if not replicas.leader:
+        engine = build_engine(config, replicas)
+        logger.info("selector replica %d of %d following rank 0", replicas.rank, replicas.world)
+        follow(selector=engine.selector, collator=engine.collator, stream=engine.stream,
+               adapter=engine.adapter, records_per_step=config.service.world_size
+               * config.selector.large_batch_size)
+        return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a stop request is never lost
         signal.signal(sig, lambda *_: stop.set())
-    server = SelectorServer(config, on_failure=lambda _reason: stop.set())
+    server = SelectorServer(config, on_failure=lambda _reason: stop.set(), replicas=replicas)
     if not stop.is_set():
         server.start(wait=False)
         stop.wait()
