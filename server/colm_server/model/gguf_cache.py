@@ -37,9 +37,10 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def entry_folder(gguf: Path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the conversion of ``gguf`` lives: keyed by the file's resolved path, size and mtime."""
+    """Where the conversion of ``gguf`` lives: keyed by the file's resolved path, size and mtime
+    in whole seconds (image layers and some file systems keep no finer times)."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()
     return cache_root(cache_dir) / f"{gguf.stem}-{key[:16]}"
 
 
@@ -156,7 +157,7 @@ def _convert_in_subprocess(gguf: Path, dest: Path) -> None:
 def _write_marker(folder: Path, gguf: Path) -> None:
     """Write the completion marker atomically (a temporary name, fsync, rename)."""
     stat = gguf.stat()
-    body = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    body = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
     tmp = folder / f".{COMPLETE}.tmp"
     with open(tmp, "w") as f:
         json.dump(body, f)
