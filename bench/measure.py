@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -16,6 +17,15 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that earlier calls freed back to the OS (glibc keeps it otherwise), so the
+    resident set before a call is what is live and its growth is the call's own peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: growth may then be under-counted
+        pass
 
 
 def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float, int]:
@@ -33,6 +43,7 @@ def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[
         out = fn()
         torch.cuda.synchronize(device)
         return out, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - base
+    _release_freed_memory()
     base = _rss()
     peak = [base]
     done = threading.Event()
