@@ -55,7 +55,7 @@ class SelectorConfig:
                 "to this many (distances kept in expectation)"),
     )
     sketch_chunk: int = field(
-        default=16, **_help("samples per forward/backward chunk of the exact sketch (bounds memory)")
+        default=8, **_help("samples per forward/backward chunk of the exact sketch (bounds memory)")
     )
     zo_probes: int = field(default=1, **_help("K: random probe directions per step (zo sketch)"))
     zo_eps: float = field(default=1e-3, **_help("finite-difference step of the zo probes"))
