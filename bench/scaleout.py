@@ -56,8 +56,7 @@ def large_batches(collator: Collator, L: int, count: int) -> list:
 
 
 def lora_model(device: str = "cpu"):
-    model = attach_lora(load_model(MODEL, device=device), r=8, alpha=16, targets=TARGETS).to(device)
-    return model
+    return attach_lora(load_model(MODEL, device=device), r=8, alpha=16, targets=TARGETS).to(device)
 
 
 def _replica(rank: int, world: int, port: int, threads: int, args: dict, out: str) -> None:

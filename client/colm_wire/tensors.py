@@ -22,6 +22,11 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a wire dtype name."""
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
 def from_bytes(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
     """Inverse of `tensor_bytes`; ValueError when the sizes disagree or the dtype is unknown."""
     if dtype not in DTYPES:
@@ -32,7 +37,7 @@ def from_bytes(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
         if d < 0:
             raise ValueError(f"negative dimension in shape {shape}")
         numel *= d
-    expected = numel * torch.empty((), dtype=wire).element_size()
+    expected = numel * itemsize(dtype)
     if len(data) != expected:
         raise ValueError(f"{len(data)} bytes for shape {shape} {dtype} (expected {expected})")
     flat = torch.frombuffer(bytearray(data), dtype=wire) if data else torch.empty(0, dtype=wire)

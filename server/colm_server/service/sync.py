@@ -16,17 +16,13 @@ import torch
 
 from colm_server.service.quote import quote
 from colm_wire.proto import selector_pb2 as pb
-from colm_wire.tensors import DTYPES, from_bytes
+from colm_wire.tensors import from_bytes, itemsize
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class AdapterError(ValueError):
     """A push that is refused whole: the selector keeps its weights."""
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
 class AdapterReceiver:
@@ -81,7 +77,7 @@ class AdapterReceiver:
             raise AdapterError(f"{h.name}: shape {sent}, expected {list(shape)}")
         if h.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{h.name}: dtype {quote(h.dtype)}, expected one of {FLOAT_DTYPES}")
-        size = math.prod(shape) * _itemsize(h.dtype)
+        size = math.prod(shape) * itemsize(h.dtype)
         if h.nbytes != size:
             raise AdapterError(f"{h.name}: header says {h.nbytes} bytes, a {list(shape)} {h.dtype} "
                                f"tensor has {size}")
