@@ -17,8 +17,8 @@ SCRIPTS = Path(sys.executable).parent
 
 # Per subcommand: the program its --help names, and an option only that job has.
 OWN_HELP = {"demo": ("colm-stream demo", "--strategies"), "serve": ("colm-stream serve", "--config"),
-            "train": ("colm-train", "--selector"), "data": ("colm-data", "synthetic"),
-            "status": ("colm-status", "--health"), "model": ("colm-stream model", "warm")}
+            "train": ("colm-stream train", "--selector"), "data": ("colm-stream data", "synthetic"),
+            "status": ("colm-stream status", "--health"), "model": ("colm-stream model", "warm")}
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

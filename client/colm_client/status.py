@@ -71,8 +71,8 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="colm-status", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "colm-status") -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("target", nargs="?", default="127.0.0.1:50051", help="host:port of the selector")
     p.add_argument("--job-id", default="")
     p.add_argument("--health", action="store_true",

@@ -25,19 +25,19 @@ def _demo(argv: list[str]) -> int | None:
 def _train(argv: list[str]) -> int | None:
     from colm_server.train import main as train
 
-    return train(argv)
+    return train(argv, prog="colm-stream train")
 
 
 def _data(argv: list[str]) -> int | None:
     from colm_server.data.prepare import main as data
 
-    return data(argv)
+    return data(argv, prog="colm-stream data")
 
 
 def _status(argv: list[str]) -> int | None:
     from colm_client.status import main as status
 
-    return status(argv)
+    return status(argv, prog="colm-stream status")
 
 
 def _serve(argv: list[str]) -> None:

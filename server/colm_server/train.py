@@ -42,8 +42,8 @@ from colm_server.peak_memory import current_device_bytes, current_rss_bytes, pea
 logger = logging.getLogger("colm_server.train")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="colm-train", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     contract.add_model_arguments(p)
     p.add_argument("--selector", required=True, help="host:port of the selector service")
     p.add_argument("--job-id", default=ServiceConfig().job_id, help="the selector's service.job_id")
@@ -219,9 +219,9 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "colm-train") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = train(parse_args(argv))
+    result = train(parse_args(argv, prog))
     logger.info("done: step %d, loss %.4f", result["step"], result["loss"])
 
 

@@ -243,9 +243,9 @@ def write_shards(records: Iterable[dict[str, str]], out_dir: Path, *, shard_max_
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "colm-data") -> int:
     """``colm-data prepare INPUT... --out DIR`` or ``colm-data synthetic --out DIR``: shards and a summary."""
-    parser = argparse.ArgumentParser(prog="colm-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="convert JSONL files / saved HF datasets to WebDataset shards")
     p.add_argument("inputs", nargs="+", type=Path, help="JSONL (.jsonl, .jsonl.gz) or dataset folders")
