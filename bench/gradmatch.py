@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from collections import Counter
@@ -53,6 +54,8 @@ MODEL_METHODS: dict[str, dict] = {
         sparsify=True, similarity="l1"),
     "colm-paper (zo K=1 on last v_proj)": dict(strategy="colm-paper"),
     "exact, top 4 layers, D=1024": dict(strategy="colm", sketch_layers=4),
+    "exact, top 8 layers, D=1024": dict(strategy="colm", sketch_layers=8),
+    "exact, top 12 layers, D=1024": dict(strategy="colm", sketch_layers=12),
     "exact, all layers, D=1024 (default)": dict(strategy="colm"),
     "activations, all layers, D=1024 (forward only)": dict(strategy="colm", sketch="activations"),
 }
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         results[label] = [summarize(n, r, base_rec, ref) for n, r in recs.items()]
 
     meta = {
-        "command": "python bench/gradmatch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/gradmatch.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                    f"threads, {args.device}"
                    + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
