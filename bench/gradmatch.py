@@ -345,13 +345,20 @@ def markdown(results: dict[str, list[dict]], args, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, data and batch shape the selection benchmarks run on."""
     p.add_argument("--model", default="smollm2", help="smollm2, a HF folder, a .gguf or tiny:<arch>")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--L", type=int, default=64)
     p.add_argument("--b", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(p)
     p.add_argument("--batches", type=int, default=16, help="measured large batches per adapter state")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed-batches", type=int, default=4, help="batches whose cost is measured")
@@ -364,8 +371,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--micro", type=int, default=8, help="samples per exact-gradient pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama, L=16, b=8: seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/gradmatch.md")
     args = p.parse_args(argv)

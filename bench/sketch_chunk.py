@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import sys
 import time
 from functools import partial
@@ -28,9 +27,8 @@ import torch
 from colm_server.data.collate import Batch, Collator
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
+from gradmatch import add_workload_arguments, read_records
 from measure import measure
-
-DATA = Path(__file__).resolve().parents[2] / "shared/data/math-mixture/train.jsonl"
 
 
 def plain_forward(model, batch: Batch):
@@ -66,15 +64,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2, a HF folder, a .gguf or tiny:<arch>")
-    p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--L", type=int, default=64)
-    p.add_argument("--b", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    add_workload_arguments(p)
     p.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/sketch-chunk.md")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -82,8 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = load_tokenizer(args.model)
     collator = Collator(tokenizer, max_length=args.max_length,
                         chat_template=getattr(tokenizer, "chat_template", None) is not None)
-    rows = [json.loads(line) for line in args.data.open()]
-    random.Random(args.seed).shuffle(rows)
+    rows = read_records(args.data, args.seed)
     model = attach_lora(load_model(args.model, device=args.device), r=8, alpha=16,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(args.device).eval()
     for param in model.parameters():
