@@ -50,18 +50,21 @@ class RunResult:
 
 
 def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: int = 0,
-                 push_every: int = 0, seed: int = 0, precision: str = "fp32") -> list[str]:
+                 push_every: int = 0, seed: int = 0, precision: str = "fp32",
+                 micro_batch: int = 0) -> list[str]:
     """``colm-train`` arguments that agree with ``job``, a selector config document: its model
-    settings (``contract.model_arguments``) and its job id. The selector's address comes later."""
+    settings (``contract.model_arguments``) and its job id. The selector's address comes later.
+    ``micro_batch`` > 0 accumulates each step's gradient over micro-batches of that many samples."""
     config = from_dict(job)  # the selector's defaults for what the document leaves out
     args = [*model_arguments(config.model), f"--job-id={config.service.job_id}"]
     return args + ["--steps", str(steps), "--lr", str(lr), "--warmup-steps", str(warmup),
                    "--output-dir", str(output_dir), "--save-every", "0", "--push-every", str(push_every),
-                   "--log-every", str(max(steps // 5, 1)), "--seed", str(seed), "--precision", precision]
+                   "--log-every", str(max(steps // 5, 1)), "--seed", str(seed), "--precision", precision,
+                   "--micro-batch", str(micro_batch)]
 
 
 def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmup: int = 0,
-            push_every: int = 0, seed: int = 0, precision: str = "fp32",
+            push_every: int = 0, seed: int = 0, precision: str = "fp32", micro_batch: int = 0,
             threads: int | None = 1) -> RunResult:
     """Serve ``job`` (a selector config document) from a selector process and train ``steps`` steps.
 
@@ -74,7 +77,7 @@ def run_job(name: str, job: dict, *, steps: int, run_dir: Path, lr: float, warmu
     world = job["service"]["world_size"]
     trainer_dir = run_dir / "trainer"
     args = trainer_args(job, steps=steps, output_dir=trainer_dir, lr=lr, warmup=warmup,
-                        push_every=push_every, seed=seed, precision=precision)
+                        push_every=push_every, seed=seed, precision=precision, micro_batch=micro_batch)
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)

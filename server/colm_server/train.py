@@ -25,14 +25,13 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from colm_client import AdapterSync, CoresetStream, weighted_loss
+from colm_client import AdapterSync, CoresetStream, backward_micro_batches
 from colm_client.channel import read_token
 from colm_server import contract
 from colm_server.config import ServiceConfig
@@ -58,6 +57,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argpa
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="after warmup")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--micro-batch", type=int, default=0, metavar="M",
+                   help="split each step's batch into micro-batches of at most M samples and accumulate the "
+                   "gradient exactly (the memory of M, the gradient of the whole step)")
     p.add_argument("--output-dir", required=True, help="checkpoints and ledgers")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
     p.add_argument("--push-every", type=int, default=0, help="push the adapter every N steps (0: never)")
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argpa
         p.error("--rank and --world-size go together")
     if args.rank is not None and not 0 <= args.rank < args.world_size:
         p.error(f"--rank must be in [0, --world-size), got {args.rank} of {args.world_size}")
+    if args.micro_batch < 0:
+        p.error(f"--micro-batch must be >= 0 (0: the whole batch in one pass), got {args.micro_batch}")
     return args
 
 
@@ -152,8 +156,8 @@ def train(args: argparse.Namespace) -> dict:
         start = json.loads((ckpt / "trainer_state.json").read_text())["step"] + 1
         if owner:
             logger.info("resuming from %s at step %d", ckpt, start)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" \
-        else nullcontext()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else None
 
     token = read_token(args.token_file) if args.token_file else None  # None: from the environment
     # What this rank trains, checked by the selector at every join (a resumed adapter's own r/alpha).
@@ -170,14 +174,12 @@ def train(args: argparse.Namespace) -> dict:
     try:
         for batch in itertools.islice(stream, max(args.steps - start, 0)):
             step = batch.step
-            with autocast:
-                logits = model(input_ids=batch.input_ids.to(device),
-                               attention_mask=batch.attention_mask.to(device)).logits
             # Under DDP the step's total weight over all ranks normalises, so the averaged gradient
             # is the whole step's weighted mean; an independent rank trains on its own share.
-            loss = weighted_loss(logits, batch.labels.to(device), batch.weights.to(device),
-                                 batch.step_weight_sum if ddp else None, world_size=world)
-            loss.backward()
+            loss = backward_micro_batches(
+                model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device),
+                batch.weights.to(device), micro_batch=args.micro_batch or None,
+                total_weight=batch.step_weight_sum if ddp else None, world_size=world, autocast=autocast)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
