@@ -208,3 +208,43 @@ def test_garbage_overrides_give_value_errors(item):
         load_config(None, [item])
     except ValueError:
         pass
+
+
+def test_selector_mixture_from_yaml_and_from_set(tmp_path):
+    assert load_config(write(tmp_path, "selector: {mixture: balanced}\n")).selector.mixture == "balanced"
+    explicit = load_config(write(tmp_path, "selector:\n  mixture: {gsm8k: 0.5, code: 0.5}\n"))
+    assert explicit.selector.mixture == {"gsm8k": 0.5, "code": 0.5}
+    tempered = load_config(None, ["selector.mixture=temperature", "selector.mixture_temperature=3"])
+    assert tempered.selector.mixture == "temperature" and tempered.selector.mixture_temperature == 3.0
+    flow = load_config(None, ["selector.mixture={a: 1, b: 2}"])  # --set values are YAML
+    assert flow.selector.mixture == {"a": 1.0, "b": 2.0}
+    assert load_config(None).selector.mixture == "stream"  # the default: weights as before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("selector.mixture=balance", r"^selector\.mixture must be one of"),
+    ("selector.mixture={a: -1}", r"^selector\.mixture: the share of 'a' must be"),
+    ("selector.mixture={a: lots}", r"^selector\.mixture\.a: expected float"),
+    ("selector.mixture={no: 1}", r"^selector\.mixture: keys must be text, got False"),  # YAML's "no"
+    ("selector.mixture={a: 1", r"^selector\.mixture: cannot parse"),
+    ("selector.mixture=[a, b]", r"^selector\.mixture: expected str \| dict"),
+    ("selector.mixture_temperature=0", r"^selector\.mixture_temperature must be a finite number > 0"),
+])
+def test_bad_mixtures_are_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_colm_paper_with_another_mixture_is_refused_naming_both_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"^selector\.mixture 'balanced' .*strategy 'colm-paper'"):
+        load_config(write(tmp_path, "selector: {strategy: colm-paper, mixture: balanced}\n"))
+
+
+def test_an_explicit_mixture_round_trips_and_is_fingerprinted_whatever_its_order(tmp_path):
+    config = load_config(None, [f"data.urls={URLS}", "selector.mixture={b: 2, a: 1}"])
+    assert load_config(write(tmp_path, yaml.safe_dump(to_dict(config)))) == config
+    assert from_dict(to_dict(config)) == config
+    reordered = load_config(None, [f"data.urls={URLS}", "selector.mixture={a: 1, b: 2}"])
+    assert fingerprint(reordered) == fingerprint(config)
+    for other in ("selector.mixture=balanced", "selector.mixture={a: 1, b: 3}", "selector.mixture=stream"):
+        assert fingerprint(load_config(None, [f"data.urls={URLS}", other])) != fingerprint(config), other

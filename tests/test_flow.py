@@ -65,6 +65,9 @@ class FakeSelector:
         self.entered = threading.Event()
         self.tracker = SimpleNamespace(counts={})
 
+    def target_shares(self) -> dict[str, float]:
+        return {}
+
     def select(self, batch, step: int):
         job = self.job
         slowest_acked = min(r.acked for r in job.ranks)  # acks only grow: a weaker check

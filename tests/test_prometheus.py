@@ -71,3 +71,27 @@ def test_metrics_are_off_unless_a_port_is_configured(tmp_path):
         assert srv.metrics is None and srv.metrics_port is None
     finally:
         srv.stop(grace=1)
+
+
+def test_target_and_realised_shares_per_source_agree_with_status(tmp_path):
+    srv = SelectorServer(make_config(tmp_path, **{"service.metrics_port": 0,
+                                                 "selector.mixture": "{big: 1, mid: 1}"}))
+    srv.start()
+    try:
+        take_all(srv, 3)
+        s, m = status(target(srv)), scrape(srv)
+    finally:
+        srv.stop(grace=1)
+
+    def per_source(name: str) -> dict[str, float]:
+        return {dict(k[1])["source"]: v for k, v in m.items() if k[0] == name}
+
+    assert per_source("colm_source_target_share") == pytest.approx(s["source_target_share"])
+    assert per_source("colm_source_realised_share") == pytest.approx(s["source_realised_share"])
+    assert per_source("colm_source_weight_total") == pytest.approx(s["source_weight"])
+    shares = s["source_target_share"]
+    assert shares["big"] == pytest.approx(shares["mid"])  # named alike: they split their mass evenly
+    assert sum(shares.values()) == pytest.approx(1.0)
+    seen = {k: int(v) for k, v in s["source_seen"].items()}
+    assert shares["tiny"] == pytest.approx(seen["tiny"] / sum(seen.values()))  # unnamed: its stream share
+    assert sum(per_source("colm_source_realised_share").values()) == pytest.approx(1.0)

@@ -118,3 +118,25 @@ def test_model_free_strategies_need_no_model(batch):
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         config(**bad)
+
+
+def test_colm_paper_trains_on_unit_weights_as_the_paper_did(batch):
+    colm = build_selector(lora_model(), config(strategy="colm", sketch="zo")).select(batch, step=0)
+    paper_cfg = config(strategy="colm-paper", weighting="cluster")
+    paper = build_selector(lora_model(), paper_cfg).select(batch, step=0)
+    assert not torch.equal(colm.weights, torch.ones(6))  # cluster sizes: the batch's 16 over 6 samples
+    assert torch.equal(paper.weights, torch.ones(6))  # whatever the weighting key says
+    assert paper.stats["sources"]["tiny"]["kept_small"]  # the small source whole, at weight 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_every_strategy_aims_at_the_mixture_by_the_same_factors(strategy, batch):
+    plain = build_selector(lora_model(), config(strategy=strategy)).select(batch, step=0)
+    mixed = build_selector(lora_model(), config(strategy=strategy, mixture="balanced")).select(batch, step=0)
+    assert torch.equal(plain.indices, mixed.indices)  # the mixture moves weights, not the selection
+    stats = mixed.stats["sources"]
+    assert all(s["target_share"] == pytest.approx(1 / 3) for s in stats.values())
+    assert stats["tiny"]["factor"] == pytest.approx((1 / 3) / stats["tiny"]["stream_share"])
+    assert stats["tiny"]["factor"] > 1 > stats["big"]["factor"]
+    factors = torch.tensor([stats[batch.sources[i]]["factor"] for i in plain.indices.tolist()])
+    assert torch.allclose(mixed.weights, plain.weights * factors, rtol=1e-6)

@@ -450,3 +450,63 @@ def test_a_manifest_tells_the_selector_its_small_sources_from_the_first_step(tmp
     # From the manifest's counts the selector knows tiny is small: both samples are kept.
     # From the stream alone it is not yet, and gets its proportional 2/16 of 8: one sample.
     assert kept == (2 if urls_kind == "manifest" else 1)
+
+
+def journaled_weight(srv, steps: int) -> dict[str, float]:
+    """Weight selected per source over the first ``steps`` steps, read back from the journal."""
+    weight: dict[str, float] = {}
+    for step in range(steps):
+        for rank in range(W):
+            batch = srv.job.journal.read(step, rank)
+            for source, w in zip(batch.sources, batch.weights):
+                weight[source] = weight.get(source, 0.0) + w
+    return weight
+
+
+def test_status_shows_target_and_realised_shares_and_they_survive_a_restart(tmp_path, capsys):
+    from colm_client.status import main as status_main
+    from colm_client.status import status
+
+    config = make_config(tmp_path, **{"selector.mixture": "balanced"})
+    srv = SelectorServer(config)
+    srv.start()
+    try:
+        take_all(srv, 3)
+        s = status(target(srv))
+        steps = int(s["selected_steps"])
+        weight = journaled_weight(srv, steps)
+        status_main([target(srv)])
+    finally:
+        srv.stop(grace=1)
+    assert s["source_target_share"] == pytest.approx({"big": 1 / 3, "mid": 1 / 3, "tiny": 1 / 3})
+    total = sum(weight.values())
+    assert s["source_weight"] == pytest.approx(weight, rel=1e-9)
+    assert s["source_realised_share"] == pytest.approx({k: w / total for k, w in weight.items()}, rel=1e-9)
+    seen = {k: int(v) / (steps * W * L) for k, v in s["source_seen"].items()}
+    assert s["source_realised_share"]["tiny"] > 2 * seen["tiny"]  # weighted up towards a third
+    out = capsys.readouterr().out
+    assert "target / realised" in out and f"{s['source_realised_share']['tiny']:.1%}" in out
+    assert "tiny: " in out and "; 33.3% / " in out
+    journaled = srv.job.snapshot()  # as of the last committed step, the producer now stopped
+    srv = SelectorServer(config)
+    srv.start()
+    try:
+        again = status(target(srv))
+    finally:
+        srv.stop(grace=1)
+    assert int(again["selected_steps"]) == journaled["selected_steps"]  # nothing selected since
+    assert again["source_weight"] == pytest.approx(journaled["source_weight"], rel=1e-12)
+    assert again["source_realised_share"] == pytest.approx(journaled["source_realised_share"], rel=1e-12)
+    assert again["source_target_share"] == pytest.approx(journaled["source_target_share"], rel=1e-12)
+
+
+def test_an_explicit_mixture_naming_a_source_the_data_lacks_is_refused_at_start(tmp_path):
+    from colm_server.data.prepare import write_shards as prepare_shards
+
+    prepare_shards(make_records({"big": 40, "tiny": 4}, seed=2), tmp_path / "shards")
+    urls = str(tmp_path / "shards" / "manifest.json")
+    config = make_config(tmp_path, **{"data.urls": urls, "selector.mixture": "{big: 1, tiny: 1, typo: 1}"})
+    refusal = r"^selector\.mixture names source\(s\) 'typo' .*its sources: big, tiny"
+    with pytest.raises(ValueError, match=refusal):
+        SelectorServer(config)
+    assert not (tmp_path / "work").exists()  # refused before the job was made

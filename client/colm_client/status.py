@@ -46,6 +46,10 @@ def _mib(n) -> str:
     return f"{int(n) / (1 << 20):.0f} MiB"
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{float(value):.1%}"
+
+
 def format_status(s: dict) -> str:
     steps = int(s["selections"])
     per_step = f"{float(s['selection_seconds']) / steps * 1e3:.1f} ms" if steps else "-"
@@ -60,9 +64,11 @@ def format_status(s: dict) -> str:
     for r in s["ranks"]:
         state = "connected" if r["connected"] else "away"
         lines.append(f"  {r['rank']}: {state}, next step {r['next_step']}, acked {r['acked_step']}")
-    lines.append("sources (seen / selected):")
-    for src in sorted(s["source_seen"]):
-        lines.append(f"  {src}: {s['source_seen'][src]} / {s['source_selected'].get(src, 0)}")
+    lines.append("sources (seen / selected; share of the loss weight: target / realised):")
+    target, realised = s.get("source_target_share", {}), s.get("source_realised_share", {})
+    for src in sorted(set(s["source_seen"]) | set(target)):  # a named source may not be seen yet
+        lines.append(f"  {src}: {s['source_seen'].get(src, 0)} / {s['source_selected'].get(src, 0)};"
+                     f" {_share(target.get(src))} / {_share(realised.get(src, 0.0 if realised else None))}")
     skipped = {k: v for k, v in s["skipped"].items() if int(v)}
     lines.append("skipped records: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
     lines.append(f"samples truncated to max length: {s['truncated']}")

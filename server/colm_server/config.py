@@ -250,7 +250,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             try:
                 return _coerce(key, value, arm)
             except ValueError:
-                pass
+                if isinstance(value, Mapping) and typing.get_origin(arm) is dict:
+                    raise  # a mapping where a mapping may be: what is wrong inside it says more
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            for k in value:
+                _check(isinstance(k, str), key, f"keys must be text, got {_show(k)} "
+                       "(in YAML, quote keys such as no, on, 1 or null)")
+            return {k: _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             return origin(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
@@ -326,13 +333,15 @@ def _parse_override(item: Any, values: dict[str, dict[str, Any]]) -> None:
     _key(section, name)
     hint = _hints(SECTIONS[section])[name]
     takes_str = hint is str or str in typing.get_args(hint)
+    takes_map = any(typing.get_origin(a) is dict for a in typing.get_args(hint))  # e.g. {a: 1, b: 2}
     try:
         value = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
-        if not takes_str or text.lstrip().startswith("["):
+        if not takes_str or text.lstrip().startswith(("[", "{") if takes_map else "["):
             raise ValueError(f"{section}.{name}: cannot parse {_show(text)} ({type(e).__name__})") from None
         value = text.strip()
-    if takes_str and not isinstance(value, (str, list, type(None))):  # job_id=007 stays "007"
+    kept = (str, list, type(None), dict) if takes_map else (str, list, type(None))
+    if takes_str and not isinstance(value, kept):  # job_id=007 stays "007"
         value = text.strip()
     values.setdefault(section, {})[name] = value
 
@@ -383,6 +392,8 @@ def config_fields() -> list[tuple[str, str, str]]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 

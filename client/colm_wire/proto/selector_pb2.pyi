@@ -132,7 +132,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., connected: _Optional[bool] = ..., next_step: _Optional[int] = ..., acked_step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job_id", "world_size", "config_fingerprint", "selected_steps", "param_version", "epoch", "journal_first_step", "ranks", "skipped", "source_seen", "source_selected", "truncated", "selections", "selection_seconds", "peak_rss_bytes", "peak_device_bytes", "error")
+    __slots__ = ("job_id", "world_size", "config_fingerprint", "selected_steps", "param_version", "epoch", "journal_first_step", "ranks", "skipped", "source_seen", "source_selected", "truncated", "selections", "selection_seconds", "peak_rss_bytes", "peak_device_bytes", "error", "source_target_share", "source_realised_share", "source_weight")
     class SkippedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,27 @@ class StatusReply(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class SourceTargetShareEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class SourceRealisedShareEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class SourceWeightEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +192,9 @@ class StatusReply(_message.Message):
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TARGET_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REALISED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     world_size: int
     config_fingerprint: str
@@ -188,4 +212,7 @@ class StatusReply(_message.Message):
     peak_rss_bytes: int
     peak_device_bytes: int
     error: str
-    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ..., config_fingerprint: _Optional[str] = ..., selected_steps: _Optional[int] = ..., param_version: _Optional[int] = ..., epoch: _Optional[int] = ..., journal_first_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., skipped: _Optional[_Mapping[str, int]] = ..., source_seen: _Optional[_Mapping[str, int]] = ..., source_selected: _Optional[_Mapping[str, int]] = ..., truncated: _Optional[int] = ..., selections: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., peak_device_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    source_target_share: _containers.ScalarMap[str, float]
+    source_realised_share: _containers.ScalarMap[str, float]
+    source_weight: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ..., config_fingerprint: _Optional[str] = ..., selected_steps: _Optional[int] = ..., param_version: _Optional[int] = ..., epoch: _Optional[int] = ..., journal_first_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., skipped: _Optional[_Mapping[str, int]] = ..., source_seen: _Optional[_Mapping[str, int]] = ..., source_selected: _Optional[_Mapping[str, int]] = ..., truncated: _Optional[int] = ..., selections: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., peak_device_bytes: _Optional[int] = ..., error: _Optional[str] = ..., source_target_share: _Optional[_Mapping[str, float]] = ..., source_realised_share: _Optional[_Mapping[str, float]] = ..., source_weight: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from colm_server.select.facility import SIMILARITIES
+from colm_server.select.mixture import check_mixture
 
 STRATEGIES = ("colm", "colm-paper", "random", "stratified", "loss", "full")
 SKETCHES = ("exact", "zo", "activations")
@@ -12,9 +13,10 @@ SKETCH_PARAMS = ("probe", "adapter")
 WEIGHTINGS = ("cluster", "uniform")
 
 # CoLM as published: ZO with one probe on the last layer's v_proj LoRA B, Adam-like
-# per-sample normalisation, top-|mean| sparsification, l1 facility location.
+# per-sample normalisation, top-|mean| sparsification, l1 facility location; and the paper's code
+# trains on the coreset without its weights (small sources kept whole are thus over-sampled).
 PAPER = dict(sketch="zo", zo_probes=1, sketch_layers=1, sketch_params="probe",
-             probe_module="v_proj", normalize=True, sparsify=True, similarity="l1")
+             probe_module="v_proj", normalize=True, sparsify=True, similarity="l1", weighting="uniform")
 
 
 def _help(text: str, **kw) -> dict:
@@ -28,7 +30,8 @@ class SelectorConfig:
     strategy: str = field(
         default="colm",
         **_help(f"selection strategy, one of {STRATEGIES}; 'colm-paper' is CoLM as published "
-                "(zo K=1 on the last v_proj, normalize, sparsify, l1) whatever the sketch keys say"),
+                "(zo K=1 on the last v_proj, normalize, sparsify, l1, uniform weights) whatever the sketch "
+                "and weighting keys say"),
     )
     batch_size: int = field(default=32, **_help("b: samples selected per large batch"))
     large_batch_size: int = field(default=64, **_help("L: samples in each large batch"))
@@ -75,7 +78,21 @@ class SelectorConfig:
     )
     weighting: str = field(
         default="cluster",
-        **_help("'cluster': weights from the strategy (cluster or stratum sizes); 'uniform': all 1"),
+        **_help("'cluster': weights from the strategy (cluster or stratum sizes); 'uniform': all 1 "
+                "(before the mixture's factors)"),
+    )
+    mixture: str | dict[str, float] = field(
+        default="stream",
+        **_help("the mixture training aims at: 'stream' (each source by its share of the stream; "
+                "weights unchanged), 'balanced' (every source alike), 'temperature' (shares proportional "
+                "to n_s^(1/T)) or a mapping {source: share} (normalised; unnamed sources keep their "
+                "stream share, the named ones split the rest). Each weight is multiplied by its "
+                "source's target share / stream share; strategy colm-paper (unweighted) needs 'stream'"),
+    )
+    mixture_temperature: float = field(
+        default=2.0,
+        **_help("T of mixture 'temperature', > 0: 1 is the stream, 2 makes shares proportional "
+                "to sqrt(n_s), a larger T nears balanced"),
     )
     small_source_share: float = field(
         default=0.03, **_help("a source whose running share of the stream is below this is small")
@@ -113,6 +130,13 @@ class SelectorConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_source_share < 1.0:
             raise ValueError(f"small_source_share must be in [0, 1), got {self.small_source_share}")
+        self.mixture = check_mixture(self.mixture, self.mixture_temperature)
+        self.mixture_temperature = float(self.mixture_temperature)
+        if self.strategy == "colm-paper" and self.mixture != "stream":
+            raise ValueError(
+                f"mixture {self.mixture!r} needs weights, and strategy 'colm-paper' trains without them "
+                "(as the paper did): with strategy colm-paper, mixture must be 'stream'"
+            )
 
     def scoring(self) -> SelectorConfig:
         """The settings the model is scored with: ``colm-paper`` fixes the paper's, others are as given."""

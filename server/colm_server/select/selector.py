@@ -12,6 +12,7 @@ from torch import nn
 from colm_server.select.batch import TokenBatch
 from colm_server.select.budget import SourceTracker, allocate_budget
 from colm_server.select.config import SelectorConfig
+from colm_server.select.mixture import target_shares, weight_factors
 from colm_server.select.normalize import AdamNormalizer
 from colm_server.select.replicas import ReplicaScorer
 from colm_server.select.scoring import Scorer
@@ -57,11 +58,31 @@ class Selector:
 
     def prime_sources(self, counts: Mapping[str, int]) -> None:
         """Start the running source shares from known dataset sizes, so small sources are
-        recognised from the first step instead of after the stream has shown them."""
+        recognised from the first step instead of after the stream has shown them.
+
+        ``counts`` are the data's sources: an explicit mixture naming another is refused here."""
+        self.check_mixture_sources(counts)
         self.tracker.observe_counts(counts)
 
+    def check_mixture_sources(self, counts: Mapping[str, int]) -> None:
+        """ValueError naming the sources an explicit ``mixture`` names that ``counts`` (the data's
+        sources) lacks: their share could never be selected."""
+        mixture = self.config.mixture
+        if isinstance(mixture, str):
+            return
+        unknown = sorted(s for s in mixture if counts.get(s, 0) <= 0)
+        if unknown:
+            known = sorted(s for s, c in counts.items() if c > 0)
+            raise ValueError(f"selector.mixture names source(s) {', '.join(map(repr, unknown))} that the "
+                             f"data does not have; its sources: {', '.join(known) or 'none'}")
+
+    def target_shares(self) -> dict[str, float]:
+        """Each source's target share of the loss weight, from the stream's running counts."""
+        return target_shares(self.tracker.counts, self.config.mixture, self.config.mixture_temperature)
+
     def select(self, batch: TokenBatch, step: int) -> Selection:
-        """Choose ``min(b, len(batch))`` samples of `batch` (all of them for ``full``)."""
+        """Choose ``min(b, len(batch))`` samples of `batch` (all of them for ``full``); their weights
+        are the strategy's times each source's ``target share / stream share`` (``config.mixture``)."""
         cfg = self.config
         start = time.perf_counter()
         self.tracker.observe(batch.sources)
@@ -82,10 +103,18 @@ class Selector:
             normalizer=self.normalizer,
         )
         indices, weights = STRATEGIES[cfg.strategy](ctx)
-        if cfg.weighting == "uniform":
+        if self.scoring_config.weighting == "uniform":  # colm-paper's too
             weights = torch.ones_like(weights)
+        factors = weight_factors(self.tracker.counts, cfg.mixture, cfg.mixture_temperature)
+        if cfg.mixture != "stream":  # to the target mixture: target share / stream share
+            per_row = [factors[batch.sources[i]] for i in indices.tolist()]
+            weights = weights.double() * torch.tensor(per_row, dtype=torch.float64)
         ctx.timings["total"] = time.perf_counter() - start
-        return Selection(indices, weights.float(), self._stats(batch, ctx, indices))
+        stats = self._stats(batch, ctx, indices)
+        targets = self.target_shares()
+        for s, row in stats["sources"].items():
+            row.update(target_share=targets[s], stream_share=self.tracker.share(s), factor=factors[s])
+        return Selection(indices, weights.float(), stats)
 
     def _scorer(self) -> Scorer | ReplicaScorer:
         if self.scorer is None:

@@ -27,6 +27,7 @@ import torch
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream
 from colm_server.select import Selection, Selector
+from colm_server.select.mixture import realised_shares
 from colm_server.service.batches import RankBatch, deal, pack_rows
 from colm_server.service.journal import Journal
 from colm_server.service.replicas import Leader
@@ -98,6 +99,7 @@ class Job:
         self.next_step = 0  # next step to select
         self.source_seen: dict[str, int] = {}  # samples drawn per source, committed steps only
         self.source_selected: dict[str, int] = {}
+        self.source_weight: dict[str, float] = {}  # loss weight selected per source, committed steps
         self.truncated = 0  # samples cut to max_length, committed steps only
         self.selections, self.selection_seconds = 0, 0.0  # this process only: not journaled
         self._pending: PendingAdapter | None = None
@@ -110,6 +112,7 @@ class Job:
         self._failure_told = False  # on_failure has returned
         self._thread: threading.Thread | None = None
         self._restore()
+        self.target_share = selector.target_shares()  # the selector's, moved with each committed step
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (quick, non-blocking, with the job's lock held) after every state change."""
@@ -225,13 +228,17 @@ class Job:
             ))
         truncated = self.truncated + batch.num_truncated
         seen, selected = dict(self.source_seen), dict(self.source_selected)
+        weight = dict(self.source_weight)
         for s in batch.sources:
             seen[s] = seen.get(s, 0) + 1
         for i in chosen:
             selected[batch.sources[i]] = selected.get(batch.sources[i], 0) + 1
-        self.journal.commit(step, ranks, self._state(step + 1, seen, selected, truncated))
+            weight[batch.sources[i]] = weight.get(batch.sources[i], 0.0) + weight_of[i]
+        self.journal.commit(step, ranks, self._state(step + 1, seen, selected, weight, truncated))
+        target = self.selector.target_shares()  # here: the producer thread owns the selector
         with self._cond:  # counters move with the step, so a status is one consistent snapshot
             self.next_step, self.source_seen, self.source_selected = step + 1, seen, selected
+            self.source_weight, self.target_share = weight, target
             self.truncated = truncated
             self.selections += 1
             self.selection_seconds += elapsed
@@ -247,12 +254,15 @@ class Job:
                 "selected_steps": self.next_step, "param_version": self.param_version,
                 "param_step": self.param_step,
                 "source_seen": dict(self.source_seen), "source_selected": dict(self.source_selected),
+                "source_weight": dict(self.source_weight),
+                "source_target_share": dict(self.target_share),
+                "source_realised_share": realised_shares(self.source_weight),
                 "truncated": self.truncated,
                 "selections": self.selections, "selection_seconds": self.selection_seconds,
                 "ranks": [(r.connected, r.next_step, r.acked) for r in self.ranks],
             }
 
-    def _state(self, next_step: int, seen: dict, selected: dict, truncated: int) -> dict:
+    def _state(self, next_step: int, seen: dict, selected: dict, weight: dict, truncated: int) -> dict:
         return {
             "next_step": next_step,
             "param_version": self.param_version,
@@ -260,6 +270,7 @@ class Job:
             "selector": self.selector.state_dict(),
             "source_seen": seen,
             "source_selected": selected,
+            "source_weight": weight,
             "truncated": truncated,
         }
 
@@ -273,6 +284,7 @@ class Job:
         self.selector.load_state_dict(state["selector"])
         self.source_seen = dict(state["source_seen"])
         self.source_selected = dict(state["source_selected"])
+        self.source_weight = dict(state.get("source_weight", {}))  # absent from older journals
         self.truncated = state["truncated"]
         self.param_step = self.next_step  # not journaled: staleness counts from the restart
         for r in self.ranks:  # ranks rejoin with their own start_step

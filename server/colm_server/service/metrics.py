@@ -1,8 +1,9 @@
 """Prometheus metrics of a selector: what it selects, how fast, and how far ahead of its ranks.
 
-Counters that the journal keeps (samples seen and selected per source, skipped records,
-truncated samples) are read from the job at scrape time, so they carry over a restart; the
-selection latency histogram and the small-source counter are this process's own.
+Counters that the journal keeps (samples seen and selected per source, the loss weight
+selected per source, skipped records, truncated samples) are read from the job at scrape
+time, so they carry over a restart; so are the target and realised shares of the loss weight.
+The selection latency histogram and the small-source counter are this process's own.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _JobCollector(Collector):
         for reason, n in sorted(job.stream.skipped.items()):
             skipped.add_metric([reason], n)
         yield from (seen, selected, skipped)
+        yield from _mixture_families(snap)
         yield CounterMetricFamily("colm_truncated_samples", "samples cut to tokenize.max_length",
                                   value=snap["truncated"])
         yield GaugeMetricFamily("colm_selected_steps", "steps selected and journaled",
@@ -83,6 +85,23 @@ class _JobCollector(Collector):
                                 value=0 if first is None or last is None else last - first + 1)
         yield GaugeMetricFamily("colm_journal_bytes", "bytes of the journal on disk",
                                 value=job.journal.size_bytes())
+
+
+def _mixture_families(snap: dict):
+    """Per source: the loss weight selected so far, its share of the total, and the target share."""
+    weight = CounterMetricFamily("colm_source_weight", "loss weight selected (sum of sample weights)",
+                                 labels=["source"])
+    target = GaugeMetricFamily("colm_source_target_share",
+                               "share of the loss weight selection aims at (selector.mixture)",
+                               labels=["source"])
+    realised = GaugeMetricFamily("colm_source_realised_share", "share of the loss weight selected so far",
+                                 labels=["source"])
+    for source, w in sorted(snap["source_weight"].items()):
+        weight.add_metric([source], w)
+        realised.add_metric([source], snap["source_realised_share"].get(source, 0.0))
+    for source, share in sorted(snap["source_target_share"].items()):
+        target.add_metric([source], share)
+    yield from (weight, target, realised)
 
 
 class _WaitingCollector(Collector):

@@ -77,7 +77,10 @@ def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
     selector = build_selector(model, sel_cfg, replicas=replicas.world > 1)
     sizes = manifest_sources(config.data.urls)
     if sizes:  # a restarted job then restores its own journaled counts over these
-        selector.prime_sources(sizes)
+        selector.prime_sources(sizes)  # refuses a selector.mixture naming a source the data lacks
+    elif not isinstance(config.selector.mixture, str):
+        logger.warning("selector.mixture names sources that cannot be checked against the data: "
+                       "data.urls names no manifest with per-source counts")
     return Engine(adapter_state(model), collator, selector, ShardStream(config.data),
                   settings(mc.source, mc.num_layers, model))
 

@@ -255,4 +255,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         reply.skipped.update(dict(job.stream.skipped))
         reply.source_seen.update(snap["source_seen"])
         reply.source_selected.update(snap["source_selected"])
+        reply.source_target_share.update(snap["source_target_share"])
+        reply.source_realised_share.update(snap["source_realised_share"])
+        reply.source_weight.update(snap["source_weight"])
         return reply
