@@ -431,17 +431,17 @@ def main(argv: list[str] | None = None) -> None:
             for s in preset.seeds for r in preset.ratios]
     todo = [] if args.render_only else [j for j in jobs if not j.path.is_file()]
     print(f"{sum(j.path.is_file() for j in jobs)} of {len(jobs)} jobs already done; running {len(todo)}")
+    command = "python " + shlex.join(["bench/endtoend.py", *(sys.argv[1:] if argv is None else argv)])
+    log = args.work / "commands.txt"  # every command that ran jobs into this work folder
+    if todo:
+        with log.open("a") as f:
+            f.write(command + "\n")
     started = time.perf_counter()
     if todo:
         with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(todo))) as pool:
             for i, path in enumerate(pool.imap_unordered(run_job, todo), 1):
                 print(f"[{i}/{len(todo)}] {path.name} ({time.perf_counter() - started:.0f} s)", flush=True)
     results = [json.loads(j.path.read_text()) for j in jobs if j.path.is_file()]
-    command = "python " + shlex.join(["bench/endtoend.py", *(sys.argv[1:] if argv is None else argv)])
-    log = args.work / "commands.txt"  # every command that ran jobs into this work folder
-    if todo:
-        with log.open("a") as f:
-            f.write(command + "\n")
     commands = log.read_text().splitlines() if log.is_file() else []
     meta = {"preset": args.preset, "settings": {**asdict(preset), "steps": steps},
             "commands": [*commands, *([] if command in commands else [command])],
