@@ -39,6 +39,7 @@ import itertools
 import json
 import multiprocessing
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -52,6 +53,7 @@ import torch
 
 from colm_client import backward_micro_batches
 from colm_server.data.collate import Collator
+from colm_server.data.synthetic import TASKS, synthetic_stream
 from colm_server.evaluate import source_losses
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
@@ -118,17 +120,10 @@ class RunSpec:
 # Data and model
 
 
-def synthetic_source_sizes() -> dict[str, int]:
-    from colm_server.data.synthetic import TASKS
-    return {name: size for name, (_, size) in TASKS.items()}
-
-
-def training_stream(preset: Preset, seed: int, work: Path) -> Iterator[dict]:
+def training_stream(preset: Preset, seed: int) -> Iterator[dict]:
     """The seed's endless record stream: the same for every run of that seed."""
     if preset.data == "synthetic":
-        from colm_server.data.synthetic import synthetic_stream
         return synthetic_stream(seed=10_000 + seed)
-    import random
     rows = read_jsonl(MIXTURE_DIR / "train.jsonl")
     random.Random(seed).shuffle(rows)
     return itertools.cycle(rows)
@@ -137,7 +132,7 @@ def training_stream(preset: Preset, seed: int, work: Path) -> Iterator[dict]:
 def source_counts(preset: Preset) -> dict[str, int]:
     """Per-source counts of the training data, as a manifest gives them to the service."""
     if preset.data == "synthetic":
-        return {s: 250 * n for s, n in synthetic_source_sizes().items()}  # 12,000 records
+        return {s: 250 * size for s, (_, size) in TASKS.items()}  # 12,000 records
     counts: dict[str, int] = {}
     for row in read_jsonl(MIXTURE_DIR / "train.jsonl"):
         counts[row["source"]] = counts.get(row["source"], 0) + 1
@@ -229,7 +224,7 @@ def measure_costs(setup: Setup, repeats: int) -> dict:
     model.train()
     scorer = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    stream = training_stream(preset, 0, setup.work)
+    stream = training_stream(preset, 0)
     items: dict[str, Callable[[], float]] = {}
     for ratio in preset.ratios:
         large = ratio * b
@@ -315,7 +310,7 @@ def run_one(setup: Setup, spec: RunSpec) -> dict:
     optimizer = torch.optim.AdamW(params, lr=preset.lr)
     schedule = SimpleNamespace(warmup_steps=preset.warmup, schedule="cosine", steps=spec.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule))  # colm-train's
-    stream = training_stream(preset, spec.seed, setup.work)
+    stream = training_stream(preset, spec.seed)
     large = spec.ratio * preset.b
     curve, weight_by_source, count_by_source, ess = [], {}, {}, []
     select_s = train_s = 0.0
