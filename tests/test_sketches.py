@@ -99,6 +99,17 @@ def test_large_sketches_are_count_sketch_projected(batch):
     torch.testing.assert_close(sketch.grads, total)
 
 
+def test_count_sketch_hash_is_drawn_once_per_target_and_kept():
+    from colm_server.select.exact import _hash
+    grads = torch.randn(4, 300)
+    before = _hash.cache_info()
+    first = count_sketch(grads, 16, seed=123, offset=7)
+    again = count_sketch(grads, 16, seed=123, offset=7)  # as every chunk's backward hook calls it
+    after = _hash.cache_info()
+    assert torch.equal(first, again)
+    assert after.misses - before.misses == 1 and after.hits - before.hits == 1
+
+
 def test_count_sketch_sends_each_coordinate_to_one_signed_bucket():
     proj = count_sketch(torch.eye(50), out_dim=8, seed=1, offset=0)
     assert proj.shape == (50, 8)

@@ -10,6 +10,7 @@ hand in chunks of positions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,11 +29,20 @@ def count_sketch(grads: torch.Tensor, out_dim: int, seed: int, offset: int) -> t
     Each target (``offset``) gets its own hash, so summing the targets' projections is one
     count sketch of their concatenation: inner products and distances are kept in expectation.
     """
-    gen = torch.Generator().manual_seed(seed * 7_919 + offset)
-    bucket = torch.randint(out_dim, (grads.shape[1],), generator=gen).to(grads.device)
-    sign = (torch.randint(2, (grads.shape[1],), generator=gen) * 2 - 1).to(grads)
+    bucket, sign = _hash(grads.shape[1], out_dim, seed, offset, grads.device)
     out = grads.new_zeros(grads.shape[0], out_dim)
-    return out.index_add_(1, bucket, grads * sign)
+    return out.index_add_(1, bucket, grads * sign.to(grads.dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash(dim: int, out_dim: int, seed: int, offset: int,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket and sign of each of ``dim`` coordinates, drawn once on the CPU and kept on ``device``:
+    a backward hook then needs no host draw and no copy to the device."""
+    gen = torch.Generator().manual_seed(seed * 7_919 + offset)
+    bucket = torch.randint(out_dim, (dim,), generator=gen)
+    sign = torch.randint(2, (dim,), generator=gen) * 2 - 1
+    return bucket.to(device), sign.to(device, torch.float32)
 
 
 def per_sample_grads(
