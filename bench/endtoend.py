@@ -59,6 +59,7 @@ from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.train import lr_lambda
 from endtoend_report import equal_cost_steps, render
+from finetune import read_jsonl
 
 MIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared/data/math-mixture"
 RUNS = ("colm", "colm-paper", "stratified", "random", "full")
@@ -156,10 +157,6 @@ def heldout(preset: Preset) -> list[dict]:
         if len(bucket) < preset.heldout_per_source:
             bucket.append(row)
     return [r for s in sorted(per) for r in per[s]]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open() if line.strip()]
 
 
 def base_model_source(preset: Preset, work: Path) -> str:
