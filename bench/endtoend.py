@@ -54,10 +54,10 @@ import torch
 from colm_client import backward_micro_batches
 from colm_server.data.collate import Collator
 from colm_server.data.synthetic import TASKS, synthetic_stream
-from colm_server.evaluate import source_losses
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
-from colm_server.train import lr_lambda
+from colm_stream.evaluate import source_losses
+from colm_stream.train import lr_lambda
 from endtoend_report import equal_cost_steps, render
 from finetune import read_jsonl
 
@@ -149,7 +149,7 @@ def stream_shares(preset: Preset) -> dict[str, float]:
 def heldout(preset: Preset) -> list[dict]:
     """A fixed held-out set, ``heldout_per_source`` records of every source."""
     if preset.data == "synthetic":
-        from colm_server.demo import heldout_records
+        from colm_stream.demo import heldout_records
         return heldout_records(preset.heldout_per_source, seed=0)
     per: dict[str, list[dict]] = {}
     for row in read_jsonl(MIXTURE_DIR / "heldout.jsonl"):
@@ -163,7 +163,7 @@ def base_model_source(preset: Preset, work: Path) -> str:
     """A path or name `load_model` takes; the demo's base is pretrained once into ``work``."""
     if preset.model != "demo-base":
         return preset.model
-    from colm_server.demo.base import pretrain_base
+    from colm_stream.demo.base import pretrain_base
     folder = work / "base"
     if not (folder / "config.json").is_file():
         pretrain_base(folder, max_length=preset.max_length, seed=0)

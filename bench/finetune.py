@@ -39,9 +39,9 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.data.prepare import prepare
-from colm_server.evaluate import exact_match, source_losses
-from colm_server.jobs import RunResult, final_adapter, mean_effective_batch, read_ledgers, run_job
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
+from colm_stream.evaluate import exact_match, source_losses
+from colm_stream.jobs import RunResult, final_adapter, mean_effective_batch, read_ledgers, run_job
 
 MIXTURE = Path(__file__).resolve().parents[2] / "shared/data/math-mixture"
 MODEL = "smollm2"

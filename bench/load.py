@@ -27,7 +27,7 @@ import webdataset as wds
 import yaml
 
 from colm_server.data.synthetic import synthetic_stream
-from colm_server.launch import SelectorProcess
+from colm_stream.launch import SelectorProcess
 
 L, B = 8, 4
 

@@ -33,10 +33,10 @@ import torch.multiprocessing as mp
 
 from colm_client.loss import weighted_loss
 from colm_server.data.collate import Collator
-from colm_server.launch import free_port
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.facility import facility_location, pairwise_similarity
+from colm_stream.launch import free_port
 
 MIXTURE = Path(__file__).resolve().parents[2] / "shared/data/math-mixture/train.jsonl"
 MODEL = "smollm2"

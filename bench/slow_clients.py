@@ -43,8 +43,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from colm_client.stream import CoresetStream
 from colm_server.data.synthetic import synthetic_stream
-from colm_server.launch import SelectorProcess, free_port
 from colm_server.model.load import attach_lora, load_model
+from colm_stream.launch import SelectorProcess, free_port
 from colm_wire.adapter import adapter_state
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc

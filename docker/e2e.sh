@@ -137,7 +137,7 @@ check "training resumes after the selector was killed at step $killed_at" \
 restarts=$(state trainer '{{.RestartCount}}')
 killed_at=$(last_step)
 rank_pid=$($DOCKER exec "$(cid trainer)" sh -c 'for d in /proc/[0-9]*; do
-        if grep -q colm_server.train "$d/cmdline" 2>/dev/null \
+        if grep -q colm_stream.train "$d/cmdline" 2>/dev/null \
             && tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qx RANK=1; then echo "${d#/proc/}"; fi
     done')
 [[ -n $rank_pid ]] || fail "no trainer rank 1 process found"

@@ -12,10 +12,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client import backward_micro_batches, weighted_loss
 from colm_server.data.collate import Batch, Collator
-from colm_server.launch import free_port
 from colm_server.model.tiny import build_tokenizer
 from colm_server.service.server import SelectorServer
-from colm_server.train import parse_args
+from colm_stream.launch import free_port
+from colm_stream.train import parse_args
 from conftest import lora_model, make_records, spawn_ranks
 from test_service import make_config
 from test_train import ledger, run

@@ -135,7 +135,7 @@ def test_a_bfloat16_push_is_accepted_and_converted(tight):
 
 
 def test_a_push_while_the_selector_is_down_is_skipped_not_fatal(caplog):
-    from colm_server.launch import free_port
+    from colm_stream.launch import free_port
 
     sync = AdapterSync(f"127.0.0.1:{free_port()}", trainer(), every=2, rank=0, timeout=5)
     try:

@@ -26,7 +26,7 @@ from colm_client.stream import CoresetStream, CoresetStreamError
 from colm_client.sync import AdapterSync
 from colm_server.config import load_config
 from colm_server.service.server import SelectorServer
-from colm_server.train import parse_args, train
+from colm_stream.train import parse_args, train
 from colm_wire.adapter import adapter_chunks
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from colm_server.cli import JOBS, main
+from colm_stream.cli import JOBS, main
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -81,6 +81,6 @@ def test_the_installed_scripts_and_the_older_names_work():
             pytest.skip(f"{argv[0]} is not installed beside {sys.executable}")
         done = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and expected in done.stdout, done.stderr
-    done = subprocess.run([sys.executable, "-m", "colm_server.cli", "nonsense"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "colm_stream.cli", "nonsense"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "invalid choice" in done.stderr

@@ -1,4 +1,4 @@
-"""A trainer joins only a selector with its model: the settings of ``colm_server.contract``.
+"""A trainer joins only a selector with its model: the settings of ``colm_wire.contract``.
 
 A real selector on 127.0.0.1, the tiny model, and ``colm-train`` as its users run it.
 """
@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from colm_client.stream import CoresetStream, CoresetStreamError
-from colm_server import contract
 from colm_server.config import ModelConfig, from_dict, to_dict
-from colm_server.jobs import trainer_args
 from colm_server.service.server import SelectorServer
-from colm_server.train import parse_args, train
+from colm_stream.jobs import trainer_args
+from colm_stream.model_flags import model_arguments
+from colm_stream.train import parse_args, train
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc
 from test_service import make_config, take, target
@@ -99,7 +99,7 @@ def test_huge_expectations_are_refused_quoting_only_their_head(selector):
 def test_the_flags_of_model_arguments_give_the_trainer_the_config_settings():
     model = ModelConfig(source="tiny:qwen2", num_layers=1, lora_r=2, lora_alpha=3.5, lora_dropout=0.25,
                         lora_targets=["q_proj", "v_proj"])
-    args = parse_args([*contract.model_arguments(model), "--selector", "x:1", "--steps", "1",
+    args = parse_args([*model_arguments(model), "--selector", "x:1", "--steps", "1",
                        "--output-dir", "x"])
     assert (args.model, args.num_layers, args.lora_r, args.lora_alpha, args.lora_dropout,
             args.lora_targets) == ("tiny:qwen2", 1, 2, 3.5, 0.25, ["q_proj", "v_proj"])

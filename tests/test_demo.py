@@ -6,7 +6,7 @@ import math
 import pytest
 
 from colm_server.data.synthetic import TASKS, synthetic_stream
-from colm_server.demo import DemoConfig, clear_previous, heldout_records, main, run_demo
+from colm_stream.demo import DemoConfig, clear_previous, heldout_records, main, run_demo
 
 
 def test_synthetic_mixture_is_strongly_imbalanced_and_reproducible():

@@ -22,10 +22,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from colm_server.cli import main as colm_stream
 from colm_server.config import fingerprint, load_config
 from colm_server.data.prepare import prepare
-from colm_server.train import parse_args
+from colm_stream.cli import main as colm_stream
+from colm_stream.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -59,11 +59,11 @@ def within(path: str, folder: str) -> bool:
 
 
 def trainer_argv(command: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``(torchrun options, colm_server.train arguments)`` of the trainer's torchrun command."""
+    """``(torchrun options, colm_stream.train arguments)`` of the trainer's torchrun command."""
     argv = words(command)
     assert argv[0] == "torchrun", argv
     m = argv.index("-m")
-    assert argv[m + 1] == "colm_server.train", argv
+    assert argv[m + 1] == "colm_stream.train", argv
     options = {}
     for word in argv[1:m]:
         name, _, value = word.partition("=")

@@ -5,8 +5,8 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.data.synthetic import synthetic_stream
-from colm_server.evaluate import exact_match, final_answer, source_losses
 from colm_server.model.tiny import build_tokenizer, tiny_model
+from colm_stream.evaluate import exact_match, final_answer, source_losses
 
 
 def test_source_losses_average_sources_equally_in_macro_and_records_in_micro():

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from colm_server.cli import main as cli_main
 from colm_server.model import gguf_cache
 from colm_server.model.gguf_cache import COMPLETE, check_converted, entry_folder, is_complete
+from colm_stream.cli import main as cli_main
 from tiny_gguf import one_layer_gguf
 
 # Loads the GGUF through load_model / load_tokenizer, optionally as a gloo rank; prints a digest.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from colm_server.jobs import effective_batch, mean_effective_batch
+from colm_stream.jobs import effective_batch, mean_effective_batch
 
 
 def test_effective_batch_counts_equally_weighted_samples():

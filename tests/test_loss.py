@@ -12,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from colm_client.loss import weighted_loss
 from colm_client.stream import CoresetBatch
 from colm_server.data.collate import Collator
-from colm_server.launch import free_port
 from colm_server.model.tiny import build_tokenizer
+from colm_stream.launch import free_port
 from colm_wire.proto import selector_pb2 as pb
 from conftest import lora_model, make_records, spawn_ranks
 

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 from colm_server.data.collate import Collator
-from colm_server.launch import free_port
 from colm_server.model.tiny import build_tokenizer
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.replicas import share
+from colm_stream.launch import free_port
 from conftest import lora_model, make_records, spawn_ranks
 
 STEPS = 3

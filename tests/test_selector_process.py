@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from colm_client.status import SERVICE_NAME
 from colm_client.stream import CoresetStream
 from colm_server.config import fingerprint, load_config
-from colm_server.launch import SelectorProcess, free_port
+from colm_stream.launch import SelectorProcess, free_port
 from test_service import B, L, W, take, write_shards
 
 SELECTOR = shutil.which("colm-selector", path=str(Path(sys.executable).parent))

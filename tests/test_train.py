@@ -13,7 +13,7 @@ import pytest
 
 from colm_client.stream import CoresetStream
 from colm_server.service.server import SelectorServer
-from colm_server.train import latest_checkpoint, parse_args, train
+from colm_stream.train import latest_checkpoint, parse_args, train
 from test_service import B, make_config, take, target
 
 
@@ -76,7 +76,7 @@ def test_two_ranks_under_torchrun_train_disjoint_coresets(tmp_path):
     out = tmp_path / "ddp"
     try:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "colm_server.train", "--model", "tiny:llama",
+                        "--nproc-per-node", "2", "-m", "colm_stream.train", "--model", "tiny:llama",
                         "--lora-r", "4", "--selector", target(srv), "--steps", "3",
                         "--output-dir", str(out), "--push-every", "2"],
                        check=True, timeout=90, env=os.environ | {"OMP_NUM_THREADS": "1"})

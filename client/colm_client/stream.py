@@ -74,7 +74,7 @@ class CoresetStream:
     raised as `CoresetStreamError`. Rank and world size default to torchrun's environment;
     `token` and `tls_ca` default to ``$COLM_AUTH_TOKEN_FILE`` and ``$COLM_TLS_CA`` (see `open_channel`).
     `expected`: the model settings of this trainer, ``{key: JSON value}`` as
-    ``colm_server.contract.settings`` makes them; the selector refuses the join
+    ``colm_wire.contract.settings`` makes them; the selector refuses the join
     (``FAILED_PRECONDITION``, naming the key and both values) when one differs from its own.
     """
 

@@ -1,8 +1,7 @@
-"""Console entry points: ``colm-stream COMMAND`` for every job, and ``colm-selector serve``.
+"""The selector's entry points: ``colm-selector serve`` and ``model warm``.
 
-``colm-stream COMMAND ARGS`` hands ARGS to that job's own entry point, so ``colm-stream train`` is
-``colm-train``, ``colm-stream serve`` is ``colm-selector serve`` and so on; the older script names
-keep working. Each job's module is imported only when it runs, so ``--help`` stays quick.
+``colm_stream.cli`` offers both again as ``colm-stream serve`` and ``colm-stream model``, beside the
+jobs that train, prepare data and report. ``dispatch`` is the one subcommand parser both use.
 """
 
 from __future__ import annotations
@@ -14,57 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 Entry = Callable[[list[str]], "int | None"]
-
-
-def _demo(argv: list[str]) -> int | None:
-    from colm_server.demo import main as demo
-
-    return demo(argv)
-
-
-def _train(argv: list[str]) -> int | None:
-    from colm_server.train import main as train
-
-    return train(argv, prog="colm-stream train")
-
-
-def _data(argv: list[str]) -> int | None:
-    from colm_server.data.prepare import main as data
-
-    return data(argv, prog="colm-stream data")
-
-
-def _status(argv: list[str]) -> int | None:
-    from colm_client.status import main as status
-
-    return status(argv, prog="colm-stream status")
-
-
-def _serve(argv: list[str]) -> None:
-    serve_main(argv, prog="colm-stream serve")
-
-
-def _model(argv: list[str]) -> None:
-    model_main(argv, prog="colm-stream model")
-
-
 SERVE_HELP = "run the selector service for one job"
-JOBS: dict[str, tuple[Entry, str]] = {
-    "demo": (_demo, "coreset training end to end on a built-in synthetic mixture, offline"),
-    "serve": (_serve, f"{SERVE_HELP} (= colm-selector serve)"),
-    "train": (_train, "train LoRA on the selector's weighted coresets (= colm-train)"),
-    "data": (_data, "write WebDataset shards from JSONL, datasets or the synthetic mixture (= colm-data)"),
-    "status": (_status, "show a running selector's progress and health (= colm-status)"),
-    "model": (_model, "prepare models ahead of time: 'model warm SOURCE' converts a GGUF into the cache"),
-}
-
-
-def main(argv: list[str] | None = None) -> int | None:
-    """``colm-stream``: the user-facing jobs, one subcommand each."""
-    return _dispatch(
-        "colm-stream", "Coreset selection for LoRA fine-tuning: every job, one subcommand each.",
-        JOBS, sys.argv[1:] if argv is None else list(argv),
-    )
 
 
 def selector_main(argv: list[str] | None = None) -> None:
@@ -72,7 +21,7 @@ def selector_main(argv: list[str] | None = None) -> None:
     jobs: dict[str, tuple[Entry, str]] = {
         "serve": (lambda rest: serve_main(rest, prog="colm-selector serve"), SERVE_HELP),
     }
-    _dispatch("colm-selector", "The selector service.", jobs, sys.argv[1:] if argv is None else list(argv))
+    dispatch("colm-selector", "The selector service.", jobs, sys.argv[1:] if argv is None else list(argv))
 
 
 def serve_main(argv: list[str], prog: str = "colm-stream serve") -> None:
@@ -120,7 +69,7 @@ def model_main(argv: list[str], prog: str = "colm-stream model") -> None:
     print(folder)
 
 
-def _dispatch(prog: str, description: str, jobs: dict[str, tuple[Entry, str]], argv: list[str]) -> int | None:
+def dispatch(prog: str, description: str, jobs: dict[str, tuple[Entry, str]], argv: list[str]) -> int | None:
     """Run ``jobs[argv[0]]`` on the rest of ``argv``; otherwise print help or a usage error and exit."""
     if argv and argv[0] in jobs:
         return jobs[argv[0]][0](argv[1:])
@@ -134,4 +83,4 @@ def _dispatch(prog: str, description: str, jobs: dict[str, tuple[Entry, str]], a
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(selector_main())

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from colm_server.launch import SelectorProcess, free_port, trainer_command
 from colm_server.service.journal import Journal
+from colm_stream.launch import SelectorProcess, free_port, trainer_command
 from conftest import make_records
 
 LONG = os.environ.get("COLM_FAULT_LONG") == "1"

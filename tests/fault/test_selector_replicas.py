@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from colm_client import AdapterSync, CoresetStream, CoresetStreamError
-from colm_server.launch import SelectorProcess
 from colm_server.service.journal import Journal
+from colm_stream.launch import SelectorProcess
 from conftest import lora_model
 from fault.test_kills import write_job
 

@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from colm_client.stream import CoresetStream
 from colm_client.sync import AdapterSync
 from colm_server.config import to_dict
-from colm_server.launch import SelectorProcess
 from colm_server.model.load import attach_lora, load_model
 from colm_server.service.server import SelectorServer
+from colm_stream.launch import SelectorProcess
 from colm_wire.adapter import adapter_state
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc

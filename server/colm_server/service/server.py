@@ -19,7 +19,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from colm_server.config import Config, fingerprint
-from colm_server.contract import settings
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
@@ -34,6 +33,7 @@ from colm_server.service.metrics import SelectorMetrics
 from colm_server.service.replicas import SINGLE, Leader, Replicas, follow
 from colm_server.service.servicer import SelectorServicer
 from colm_wire.adapter import adapter_state
+from colm_wire.contract import settings
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc
 

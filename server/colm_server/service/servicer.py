@@ -16,17 +16,17 @@ from typing import TypeVar
 
 import grpc
 
-from colm_server.contract import mismatches
 from colm_server.peak_memory import peak_device_bytes, peak_rss_bytes
 from colm_server.service.batches import RankBatch
 from colm_server.service.changes import Changes
 from colm_server.service.inbox import Inbox, NotReceived, Waiting
 from colm_server.service.job import ConnectionGone, Job, JobStopped, PendingAdapter
 from colm_server.service.journal import StepNotJournaled
-from colm_server.service.quote import quote
 from colm_server.service.sync import AdapterError, AdapterReceiver
+from colm_wire.contract import mismatches
 from colm_wire.proto import selector_pb2 as pb
 from colm_wire.proto import selector_pb2_grpc as pb_grpc
+from colm_wire.quote import quote
 from colm_wire.tensors import to_proto
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
     """Serves one job: joins, per-rank batch streams, adapter pushes and status.
 
     ``settings``: the model settings a joining trainer's ``Join.expected`` must match
-    (``colm_server.contract.settings`` of the selector's model); None checks none.
+    (``colm_wire.contract.settings`` of the selector's model); None checks none.
     ``first_message_timeout`` / ``chunk_timeout``: seconds a call may wait for its first message /
     a push for its next chunk (or for a push slot) before it is ended. ``max_pushes``: pushes
     received at once, each holding at most the adapter's bytes.

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from colm_server.service.quote import quote
 from colm_wire.proto import selector_pb2 as pb
+from colm_wire.quote import quote
 from colm_wire.tensors import from_bytes, itemsize
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")

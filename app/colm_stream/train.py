@@ -1,7 +1,7 @@
 """`colm-train`: LoRA training on the selector's weighted coresets, one process or under torchrun.
 
     colm-train --model smollm2 --selector selector:50051 --steps 1000 --output-dir runs/a
-    torchrun --nproc-per-node 8 -m colm_server.train --model /models/llama --selector ... --steps 1000
+    torchrun --nproc-per-node 8 -m colm_stream.train --model /models/llama --selector ... --steps 1000
 
 Each rank pulls its own coreset stream; the loss is the coreset's weighted loss, normalised under DDP
 by the step's total weight over all ranks (a rank's logged loss is then its share of the step's loss
@@ -33,17 +33,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from colm_client import AdapterSync, CoresetStream, backward_micro_batches
 from colm_client.channel import read_token
-from colm_server import contract
 from colm_server.config import ServiceConfig
 from colm_server.model.load import attach_lora, load_model
 from colm_server.peak_memory import current_device_bytes, current_rss_bytes, peak_device_bytes, peak_rss_bytes
+from colm_stream.model_flags import add_model_arguments
+from colm_wire import contract
 
-logger = logging.getLogger("colm_server.train")
+logger = logging.getLogger("colm_stream.train")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    contract.add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--selector", required=True, help="host:port of the selector service")
     p.add_argument("--job-id", default=ServiceConfig().job_id, help="the selector's service.job_id")
     p.add_argument("--token-file", default=None,

@@ -4,9 +4,9 @@ The selector scores samples with the model the trainers train; a trainer with an
 other target modules or another base would train on coresets chosen for a different model. The
 settings are described once, here, for every side:
 
-- the selector's ``model`` section (``ModelConfig``) and the model it builds from it;
-- ``colm-train``'s flags (``add_model_arguments``) and the model it builds from them;
-- the launchers' trainer command lines (``model_arguments``, used by ``jobs.trainer_args``).
+- the selector's ``model`` section (``colm_server.config.ModelConfig``) and the model it builds;
+- ``colm-train``'s flags (``colm_stream.model_flags``) and the model it builds from them;
+- a Hugging Face ``Trainer``'s PEFT model (``colm_client.hf``).
 
 A trainer sends ``settings()`` of its model in ``Join.expected``; the selector compares them with
 ``settings()`` of its own and refuses a join that differs (``mismatches``), naming the key and both
@@ -18,20 +18,17 @@ compared as written: the trainer's ``--model`` must name the model the way the s
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from colm_server.config import ModelConfig
-from colm_server.service.quote import clip, quote
+from colm_wire.quote import clip, quote
 
 # The settings a trainer's model must share with the selector's, as Join.expected's keys.
 KEYS = ("model.source", "model.num_layers", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
         "model.lora_targets")
 MAX_REPORTED = 4  # mismatches one refusal spells out; the rest are counted
 
-_DEFAULTS = ModelConfig()
 
 
 def encode(source: str, num_layers: int | None, r: int, alpha: float, dropout: float,
@@ -90,30 +87,3 @@ def mismatches(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[s
     if total > MAX_REPORTED:
         found[MAX_REPORTED:] = [f"{total - MAX_REPORTED} more"]
     return found
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--num-layers`` and the LoRA flags of ``colm-train``: the ``model`` keys it shares."""
-    d = _DEFAULTS
-    parser.add_argument("--model", required=True, help="the selector's model.source, written the same way: "
-                        "tiny:<arch>, smollm2, a HF folder or a .gguf")
-    parser.add_argument("--num-layers", type=int, default=d.num_layers,
-                        help="keep only the first n decoder layers, as model.num_layers (default: all)")
-    parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank, as model.lora_r")
-    parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
-                        help="LoRA alpha (scale = alpha / r), as model.lora_alpha")
-    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout,
-                        help="dropout on the LoRA input, as model.lora_dropout")
-    parser.add_argument("--lora-targets", nargs="+", default=d.lora_targets,
-                        help="module names, as model.lora_targets (default: the attention projections)")
-
-
-def model_arguments(model: ModelConfig) -> list[str]:
-    """The ``colm-train`` flags of ``add_model_arguments`` that give a trainer ``model``'s settings."""
-    args = [f"--model={model.source}", "--lora-r", str(model.lora_r), "--lora-alpha", repr(model.lora_alpha),
-            "--lora-dropout", repr(model.lora_dropout)]
-    if model.num_layers is not None:
-        args += ["--num-layers", str(model.num_layers)]
-    if model.lora_targets is not None:
-        args += ["--lora-targets", *model.lora_targets]
-    return args

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from colm_server.evaluate import SourceLosses
-from colm_server.jobs import RunResult
+from colm_stream.evaluate import SourceLosses
+from colm_stream.jobs import RunResult
 
 SMOOTH = 10  # steps averaged in the plotted training loss
 

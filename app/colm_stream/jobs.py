@@ -18,8 +18,8 @@ import yaml
 from tqdm import tqdm
 
 from colm_server.config import from_dict
-from colm_server.contract import model_arguments
-from colm_server.launch import SelectorProcess, trainer_command
+from colm_stream.launch import SelectorProcess, trainer_command
+from colm_stream.model_flags import model_arguments
 
 PROGRESS_POLL = 0.5  # seconds between two looks at the selector's Status for the progress bar
 
@@ -53,7 +53,7 @@ def trainer_args(job: dict, *, steps: int, output_dir: Path, lr: float, warmup: 
                  push_every: int = 0, seed: int = 0, precision: str = "fp32",
                  micro_batch: int = 0) -> list[str]:
     """``colm-train`` arguments that agree with ``job``, a selector config document: its model
-    settings (``contract.model_arguments``) and its job id. The selector's address comes later.
+    settings (``model_flags.model_arguments``) and its job id. The selector's address comes later.
     ``micro_batch`` > 0 accumulates each step's gradient over micro-batches of that many samples."""
     config = from_dict(job)  # the selector's defaults for what the document leaves out
     args = [*model_arguments(config.model), f"--job-id={config.service.job_id}"]

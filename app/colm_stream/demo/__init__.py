@@ -23,8 +23,8 @@ from transformers.utils import logging as hf_logging
 from colm_server.data.collate import Collator
 from colm_server.data.prepare import write_shards
 from colm_server.data.synthetic import TASKS, synthetic_stream
-from colm_server.evaluate import SourceLosses, source_losses
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
+from colm_stream.evaluate import SourceLosses, source_losses
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -108,9 +108,9 @@ def clear_previous(out: Path) -> list[Path]:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every strategy and write ``report.md`` and ``report.png`` under ``cfg.out``; returns the .md."""
-    from colm_server.demo.base import pretrain_base
-    from colm_server.demo.report import markdown, plot
-    from colm_server.jobs import final_adapter, run_job
+    from colm_stream.demo.base import pretrain_base
+    from colm_stream.demo.report import markdown, plot
+    from colm_stream.jobs import final_adapter, run_job
 
     if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the runs
         raise RuntimeError("the demo's plot needs matplotlib: pip install 'colm-stream[demo]'")

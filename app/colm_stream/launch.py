@@ -129,6 +129,6 @@ def trainer_command(nproc: int, args: Sequence[str], max_restarts: int = 0) -> l
     if nproc < 1:
         raise ValueError(f"nproc: must be >= 1, got {nproc}")
     if nproc == 1 and max_restarts == 0:
-        return [sys.executable, "-m", "colm_server.train", *args]
+        return [sys.executable, "-m", "colm_stream.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "--max-restarts", str(max_restarts), "-m", "colm_server.train", *args]
+            "--max-restarts", str(max_restarts), "-m", "colm_stream.train", *args]
