@@ -37,6 +37,8 @@ class Batch:
     ids: list[str]
     sources: list[str]
     truncated: torch.Tensor | None = field(default=None, repr=False)  # BoolTensor [N] or unknown
+    # Real tokens per row on the host, read from the mask once per batch (see `host_lengths`).
+    _host_lengths: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = self.input_ids.shape
@@ -55,13 +57,16 @@ class Batch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch with its tensors on ``device``."""
-        return replace(
+        """The same batch with its tensors on ``device`` (and its host row lengths, when known)."""
+        moved = replace(
             self,
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             labels=self.labels.to(device),
         )
+        if self._host_lengths is not None or self.attention_mask.device.type == "cpu":
+            moved._host_lengths = self.host_lengths()
+        return moved
 
     @property
     def num_truncated(self) -> int:
@@ -72,20 +77,37 @@ class Batch:
         """Real (non-padding) tokens per row, LongTensor [N]."""
         return self.attention_mask.sum(dim=1)
 
+    def host_lengths(self) -> torch.Tensor:
+        """Real tokens per row, LongTensor [N] on the host: read from a device mask once per
+        batch (one sync), not once per `subset`."""
+        if self._host_lengths is None:
+            self._host_lengths = self.attention_mask.sum(dim=1).cpu()
+        return self._host_lengths
+
     def subset(self, indices: torch.Tensor | Sequence[int]) -> Batch:
-        """Rows ``indices`` in that order, padding trimmed to the new longest row."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.input_ids.device).reshape(-1)
-        mask = self.attention_mask[idx]
-        width = int(mask.sum(dim=1).max()) if len(idx) else 0
-        rows = idx.tolist()
-        return Batch(
+        """Rows ``indices`` in that order, padding trimmed to the new longest row.
+
+        Row names and the new width come from host copies, so a batch on a device is not
+        synchronised per subset (indices given as a device tensor are read back once)."""
+        if isinstance(indices, torch.Tensor):
+            host = indices.detach().to("cpu", torch.long).reshape(-1)
+            idx = indices.to(self.input_ids.device, torch.long).reshape(-1)
+        else:
+            host = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+            idx = host.to(self.input_ids.device, non_blocking=True)
+        lengths = self.host_lengths()[host]
+        width = int(lengths.max()) if len(host) else 0
+        rows = host.tolist()
+        sub = Batch(
             input_ids=self.input_ids[idx, :width],
-            attention_mask=mask[:, :width],
+            attention_mask=self.attention_mask[idx, :width],
             labels=self.labels[idx, :width],
             ids=[self.ids[i] for i in rows],
             sources=[self.sources[i] for i in rows],
-            truncated=None if self.truncated is None else self.truncated[idx.cpu()],
+            truncated=None if self.truncated is None else self.truncated[host.to(self.truncated.device)],
         )
+        sub._host_lengths = lengths
+        return sub
 
 
 @dataclass

@@ -63,6 +63,22 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a copy from the host does not wait for the device's queue
+    (safe from pageable memory too: it is staged before the call returns)."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+
+
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, positions, targets, counts)`` of the positions whose logits predict a response
+    token, computed where ``labels`` lie: on the host for a collated batch, so that the
+    data-dependent ``nonzero`` waits on no device. ``counts`` is float ``[N]``, summed over the
+    mask rather than by ``bincount`` (which on a device reads its maximum back to the host)."""
+    scored = labels[:, 1:] != -100
+    rows, positions = scored.nonzero(as_tuple=True)
+    return rows, positions, labels[rows, positions + 1], scored.sum(dim=1).float()
+
+
 @dataclass
 class PrefixCache:
     """What the top layers need to be re-run, plus where the loss is taken."""
@@ -116,8 +132,8 @@ class LayerSplit:
         try:
             with torch.inference_mode():
                 _inner_model(self.model)(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
+                    input_ids=_to(input_ids, device),
+                    attention_mask=_to(attention_mask, device),
                     use_cache=False,
                 )
         except _StopForward:
@@ -127,17 +143,14 @@ class LayerSplit:
         if "hidden" not in captured:
             raise RuntimeError("the top decoder layer was never called: unsupported model")
 
-        labels = labels.to(device)
-        rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
-        targets = labels[rows, positions + 1]
-        counts = torch.bincount(rows, minlength=labels.shape[0]).float()
+        rows, positions, targets, counts = scored_positions(labels)
         return PrefixCache(
             hidden=_clone(captured["hidden"]),
             layer_kwargs=_clone(captured["kwargs"]),
-            rows=rows,
-            positions=positions,
-            targets=targets,
-            token_counts=counts,
+            rows=_to(rows, device),
+            positions=_to(positions, device),
+            targets=_to(targets, device),
+            token_counts=_to(counts, device),
         )
 
     def top_hidden(self, cache: PrefixCache, hidden: torch.Tensor | None = None) -> torch.Tensor:

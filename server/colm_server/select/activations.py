@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from colm_server.model.split import LayerSplit, PrefixCache
-from colm_server.select.exact import count_sketch
+from colm_server.select.exact import count_sketch, tap_inputs
 from colm_server.select.sketch import DenseSketch
 from colm_server.select.targets import SketchTarget
 
@@ -23,25 +22,30 @@ from colm_server.select.targets import SketchTarget
 def mean_inputs(split: LayerSplit, cache: PrefixCache, targets: list[SketchTarget]) -> list[torch.Tensor]:
     """Per sample, the mean input of each target over its scored positions, ``[N, in]`` each;
     an input a layer feeds to several targets (q, k and v share theirs) is kept once."""
-    per_layer: dict[str, list[torch.Tensor]] = {}
-    layer_of = {t.module: t.name.split(".", 1)[0] for t in targets}
+    layer_of = [t.name.split(".", 1)[0] for t in targets]
+    means: list[torch.Tensor] = []
+    # The current layer's inputs by identity (no host sync), held so that an id is not reused;
+    # released when the next layer starts, as no input is shared across layers.
+    held: dict[int, torch.Tensor] = {}
+    layer: list[str | None] = [None]
 
-    def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        at = args[0][cache.rows, cache.positions].float()
+    def keep(i: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        if layer_of[i] != layer[0]:
+            held.clear()
+            layer[0] = layer_of[i]
+        if id(x) in held:
+            return
+        held[id(x)] = x
+        at = x[cache.rows, cache.positions].float()
         sums = at.new_zeros(cache.num_samples, at.shape[1]).index_add_(0, cache.rows, at)
-        mean = sums / cache.token_counts.clamp(min=1)[:, None]
-        kept = per_layer.setdefault(layer_of[module], [])
-        # Compared by value: a freed tensor's address can come back for the next module.
-        if not any(k.shape == mean.shape and torch.equal(k, mean) for k in kept):
-            kept.append(mean)
+        means.append(sums / cache.token_counts.clamp(min=1)[:, None])
 
-    handles = [t.module.register_forward_hook(keep) for t in targets]
     try:
-        split.top_hidden(cache)
+        with tap_inputs(split.top, targets, keep):
+            split.top_hidden(cache)
     finally:
-        for handle in handles:
-            handle.remove()
-    return [m for kept in per_layer.values() for m in kept]
+        held.clear()
+    return means
 
 
 def activation_sketch(

@@ -26,6 +26,7 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream
+from colm_server.peak_memory import DevicePeakWindow
 from colm_server.select import Selection, Selector
 from colm_server.select.mixture import realised_shares
 from colm_server.service.batches import RankBatch, deal, pack_rows
@@ -102,6 +103,7 @@ class Job:
         self.source_weight: dict[str, float] = {}  # loss weight selected per source, committed steps
         self.truncated = 0  # samples cut to max_length, committed steps only
         self.selections, self.selection_seconds = 0, 0.0  # this process only: not journaled
+        self.selection_peak_device = 0  # CUDA bytes held at most during the last selection (0 on CPU)
         self._pending: PendingAdapter | None = None
         self._cond = threading.Condition()
         self._applying = threading.Lock()  # one adapter swap at a time (producer, or a push once it ended)
@@ -209,7 +211,8 @@ class Job:
         if self.leader is not None:
             self.leader.announce_step(step, batch.ids)
         started = time.perf_counter()
-        sel = self.selector.select(batch, step=step)
+        with DevicePeakWindow() as peak:  # the device peak of this selection alone
+            sel = self.selector.select(batch, step=step)
         elapsed = time.perf_counter() - started
         chosen = sel.indices.tolist()
         weight_of = dict(zip(chosen, sel.weights.tolist()))
@@ -242,6 +245,7 @@ class Job:
             self.truncated = truncated
             self.selections += 1
             self.selection_seconds += elapsed
+            self.selection_peak_device = peak.device_bytes
             self._ready = True
             self._notify()
         if self.on_selected is not None:
@@ -259,6 +263,7 @@ class Job:
                 "source_realised_share": realised_shares(self.source_weight),
                 "truncated": self.truncated,
                 "selections": self.selections, "selection_seconds": self.selection_seconds,
+                "selection_peak_device_bytes": self.selection_peak_device,
                 "ranks": [(r.connected, r.next_step, r.acked) for r in self.ranks],
             }
 
