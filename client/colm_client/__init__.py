@@ -1,4 +1,8 @@
-"""Trainer-side helpers for colm-stream: the coreset stream, adapter sync, the loss and its accumulation."""
+"""Trainer-side helpers for colm-stream: the coreset stream, adapter sync, the loss and its accumulation.
+
+``colm_client.hf`` (extra ``hf``) has ``ColmTrainer`` and ``ColmSFTTrainer``, Hugging Face's Trainer and
+TRL's SFTTrainer on the selector's coresets; it is not imported here, so this package needs neither.
+"""
 
 from colm_client.accumulate import backward_micro_batches
 from colm_client.channel import open_channel
