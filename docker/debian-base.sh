@@ -14,6 +14,20 @@ suite=${2:-bookworm}
 mirror=${3:-http://deb.debian.org/debian}
 docker=${DOCKER:-docker}
 
+# What it needs, said before the minutes of debootstrap: one line each, with how to get it.
+need=()
+(( EUID == 0 )) || need+=("root: debootstrap and its chroot need it (run with sudo, or as root)")
+command -v debootstrap >/dev/null || need+=("debootstrap: apt-get install debootstrap")
+if ! command -v "${docker%% *}" >/dev/null; then
+    need+=("a docker CLI: apt-get install docker.io (Debian and Ubuntu), or set DOCKER=/path/to/docker")
+elif ! err=$($docker version --format '{{.Server.Version}}' 2>&1 >/dev/null); then
+    need+=("a Docker engine ($(tail -n 1 <<< "$err")): start it (as root: systemctl start docker, or dockerd &)")
+fi
+if (( ${#need[@]} )); then
+    printf 'debian-base.sh: missing %s\n' "${need[@]}" >&2
+    exit 1
+fi
+
 root=$(mktemp -d /var/tmp/colm-base.XXXXXX)
 trap 'rm -rf --one-file-system "$root"' EXIT
 

@@ -2,6 +2,7 @@
 
     docker save IMAGE | python docker/e2e_check.py layers --context PIP_CONTEXT_DIR
     python docker/e2e_check.py ledgers WORK_COPY --steps 40 --world-size 2
+    python docker/e2e_check.py preflight
 
 ``layers``: no file of the pip context (same content), nothing under /run/pip and no pip.conf is in
 any layer of the image, and the model cache's key still matches the GGUF as the layer stores it
@@ -9,17 +10,24 @@ any layer of the image, and the model cache's key still matches the GGUF as the 
 ``work`` volume (``selector/journal`` and ``trainer/ledger-rank*.jsonl``) shows every step of the
 job trained once per rank in the lineage the final weights saw, on the batch the journal holds
 for it, with no sample drawn twice in an epoch: the fault tests' check (tests/fault/test_kills.py),
-applied to the deployment's volume.
-Each prints a JSON summary and exits 1 when a check fails.
+applied to the deployment's volume. ``preflight``: this Python can run the other two and
+docker/pip_context.py (it imports what they import), so that e2e.sh finds a missing or bare
+interpreter before it builds anything, and says so in those terms.
+``layers`` and ``ledgers`` print a JSON summary and exit 1 when a check fails; any of the three
+exits 3 when it could not check at all (an error of its own, not a verdict on the image or the
+volume), so that e2e.sh never reports one as the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
+import platform
 import sys
 import tarfile
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +124,22 @@ def check_ledgers(work: Path, steps: int, world_size: int) -> dict:
     return summary
 
 
+# What the checks import beyond the standard library: the ledger check's modules (the project and
+# its test suite's fault tests, hence torch and pytest) and pip, which docker/pip_context.py runs.
+NEEDS = ("colm_server.service.journal", "fault.test_kills", "pip")
+
+
+def preflight() -> str:
+    """One line on this Python; raises ImportError naming the first module it cannot import."""
+    sys.path.insert(0, str(REPO / "tests"))
+    for module in NEEDS:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is what this reports
+            raise ImportError(f"cannot import {module} ({type(exc).__name__}: {exc})") from exc
+    return f"{sys.executable} (Python {platform.python_version()}) imports what the checks need"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="check", required=True)
@@ -125,11 +149,24 @@ def main(argv: list[str] | None = None) -> None:
     ledgers.add_argument("work", type=Path)
     ledgers.add_argument("--steps", type=int, required=True)
     ledgers.add_argument("--world-size", type=int, default=2)
+    sub.add_parser("preflight", help="whether this Python can run the checks")
     args = p.parse_args(argv)
-    if args.check == "layers":
-        result = check_layers(sys.stdin.buffer, args.context)
-    else:
-        result = check_ledgers(args.work, args.steps, args.world_size)
+    if args.check == "preflight":
+        try:
+            print(preflight())
+        except ImportError as exc:
+            print(exc, file=sys.stderr)
+            raise SystemExit(3) from None
+        return
+    try:
+        if args.check == "layers":
+            result = check_layers(sys.stdin.buffer, args.context)
+        else:
+            result = check_ledgers(args.work, args.steps, args.world_size)
+    except Exception as exc:  # noqa: BLE001 - reported as "could not check", never as a failed check
+        traceback.print_exc()
+        print(f"e2e_check {args.check}: could not check: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
     print(json.dumps(result, indent=2))
     raise SystemExit(0 if result["ok"] else 1)
 
