@@ -58,6 +58,10 @@ MODEL_METHODS: dict[str, dict] = {
     "exact, top 12 layers, D=1024": dict(strategy="colm", sketch_layers=12),
     "exact, all layers, D=1024 (default)": dict(strategy="colm"),
     "activations, all layers, D=1024 (forward only)": dict(strategy="colm", sketch="activations"),
+    # Early-exit proxies: the first k layers, then the final norm and lm_head (colm-fast is k=4).
+    "proxy: first 2 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=2),
+    "proxy: first 4 layers + exit, exact, D=1024 (colm-fast)": dict(strategy="colm-fast"),
+    "proxy: first 8 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=8),
 }
 DEFAULT = "exact, all layers, D=1024 (default)"
 # Rows computed from the exact gradients g of the batch, with the projection the selector uses.
@@ -204,7 +208,8 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
     for name, over in MODEL_METHODS.items():
         if args.methods and name not in args.methods:
             continue
-        over = {**over, "sketch_layers": min(over.get("sketch_layers", 0), depth)}
+        over = {**over, "sketch_layers": min(over.get("sketch_layers", 0), depth),
+                "scorer_layers": min(over.get("scorer_layers", 0), depth)}
         cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, seed=args.seed, **over)
         selectors[name] = build_selector(model, cfg)
         selectors[name].prime_sources(source_counts)

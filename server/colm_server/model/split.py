@@ -7,7 +7,8 @@ called with (hidden states, mask, position embeddings, ...) through a forward pr
 so the same code serves every Hugging Face decoder-only architecture.
 `LayerSplit.losses` re-runs the top layers, the final norm and the lm_head, the last
 only at response-token positions and in chunks: an ``N x T x vocab`` logits tensor is
-never held.
+never held. With ``exit_after=k`` the split sees only the first ``k`` layers (an early-exit
+proxy of the model): the forward stops there and the norm and head read layer ``k``'s output.
 """
 
 from __future__ import annotations
@@ -98,8 +99,15 @@ class PrefixCache:
 class LayerSplit:
     """A decoder split into a frozen prefix (run once) and `num_top_layers` re-run layers."""
 
-    def __init__(self, model: nn.Module, num_top_layers: int = 1, chunk_tokens: int = 1024):
+    def __init__(self, model: nn.Module, num_top_layers: int = 1, chunk_tokens: int = 1024,
+                 exit_after: int | None = None):
+        """``exit_after=k``: an early-exit view of ``model``, its first ``k`` decoder layers followed by
+        the final norm and the lm_head; the top layers are then the top of those ``k``."""
         layers = decoder_layers(model)
+        if exit_after is not None:
+            if not 1 <= exit_after <= len(layers):
+                raise ValueError(f"exit_after must be in [1, {len(layers)}], got {exit_after}")
+            layers = layers[:exit_after]
         if not 1 <= num_top_layers <= len(layers):
             raise ValueError(f"num_top_layers must be in [1, {len(layers)}], got {num_top_layers}")
         self.model = model

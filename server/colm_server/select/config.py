@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from colm_server.select.facility import SIMILARITIES
 from colm_server.select.mixture import check_mixture
 
-STRATEGIES = ("colm", "colm-paper", "random", "stratified", "loss", "full")
+STRATEGIES = ("colm", "colm-paper", "colm-fast", "random", "stratified", "loss", "full")
 SKETCHES = ("exact", "zo", "activations")
 SKETCH_PARAMS = ("probe", "adapter")
 WEIGHTINGS = ("cluster", "uniform")
@@ -17,6 +17,10 @@ WEIGHTINGS = ("cluster", "uniform")
 # trains on the coreset without its weights (small sources kept whole are thus over-sampled).
 PAPER = dict(sketch="zo", zo_probes=1, sketch_layers=1, sketch_params="probe",
              probe_module="v_proj", normalize=True, sparsify=True, similarity="l1", weighting="uniform")
+# The cheap selector: the exact sketch of an early-exit proxy, the first FAST_LAYERS decoder layers
+# followed by the final norm and lm_head (bench/results/gradmatch-proxy.md, selector-cost.md).
+FAST = dict(sketch="exact", scorer_layers=4, sketch_layers=0, sketch_params="adapter")
+PRESETS = {"colm-paper": PAPER, "colm-fast": FAST}
 
 
 def _help(text: str, **kw) -> dict:
@@ -30,8 +34,9 @@ class SelectorConfig:
     strategy: str = field(
         default="colm",
         **_help(f"selection strategy, one of {STRATEGIES}; 'colm-paper' is CoLM as published "
-                "(zo K=1 on the last v_proj, normalize, sparsify, l1, uniform weights) whatever the sketch "
-                "and weighting keys say"),
+                "(zo K=1 on the last v_proj, normalize, sparsify, l1, uniform weights) and 'colm-fast' the "
+                "cheap selector (exact sketch of the first 4 layers with an early exit), whatever the "
+                "sketch, scorer and weighting keys say"),
     )
     batch_size: int = field(default=32, **_help("b: samples selected per large batch"))
     large_batch_size: int = field(default=64, **_help("L: samples in each large batch"))
@@ -49,7 +54,12 @@ class SelectorConfig:
         ),
     )
     sketch_layers: int = field(
-        default=0, **_help("number of top decoder layers the sketch covers; 0: all of them")
+        default=0, **_help("number of top decoder layers (of the scorer) the sketch covers; 0: all of them")
+    )
+    scorer_layers: int = field(
+        default=0,
+        **_help("score with an early-exit proxy: only the first k decoder layers, then the final norm "
+                "and lm_head (about k / layers of the cost); 0: the whole model"),
     )
     probe_module: str = field(default="v_proj", **_help("module whose parameter is probed"))
     sketch_dim: int = field(
@@ -116,8 +126,12 @@ class SelectorConfig:
                      "zo_probes", "zo_dim", "chunk_tokens", "block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sketch_layers < 0:
-            raise ValueError(f"sketch_layers must be >= 0 (0: all layers), got {self.sketch_layers}")
+        for name in ("sketch_layers", "scorer_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: all layers), got {getattr(self, name)}")
+        if self.scorer_layers and self.sketch_layers > self.scorer_layers:
+            raise ValueError(f"sketch_layers ({self.sketch_layers}) must not exceed scorer_layers "
+                             f"({self.scorer_layers}): the sketch covers layers of the scorer")
         if self.batch_size > self.large_batch_size:
             raise ValueError(
                 f"batch_size (b={self.batch_size}) must not exceed "
@@ -139,10 +153,9 @@ class SelectorConfig:
             )
 
     def scoring(self) -> SelectorConfig:
-        """The settings the model is scored with: ``colm-paper`` fixes the paper's, others are as given."""
-        if self.strategy != "colm-paper":
-            return self
-        return replace(self, **PAPER)
+        """The settings the model is scored with: a preset strategy fixes its own, others are as given."""
+        preset = PRESETS.get(self.strategy)
+        return self if preset is None else replace(self, **preset)
 
     def to_dict(self) -> dict:
         return asdict(self)

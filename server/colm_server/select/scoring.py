@@ -19,12 +19,18 @@ from colm_server.select.zo import zo_sketch
 
 
 class Scorer:
-    """Runs the frozen model on a large batch: the prefix once, then the sketched layers."""
+    """Runs the frozen model on a large batch: the prefix once, then the sketched layers.
+
+    With ``scorer_layers=k`` it runs an early-exit proxy instead: the first ``k`` layers, then the
+    final norm and lm_head, so the sketch costs about ``k / layers`` of the whole model's.
+    """
 
     def __init__(self, model: nn.Module, config: SelectorConfig):
         self.config = config.scoring()  # idempotent: a resolved config stays as it is
-        layers = self.config.sketch_layers or len(decoder_layers(model))
-        self.split = LayerSplit(model, layers, chunk_tokens=self.config.chunk_tokens)
+        depth = len(decoder_layers(model))
+        exit_after = min(self.config.scorer_layers, depth) or None  # None (or all): the whole model
+        layers = min(self.config.sketch_layers or depth, exit_after or depth)
+        self.split = LayerSplit(model, layers, chunk_tokens=self.config.chunk_tokens, exit_after=exit_after)
         self.targets = sketch_targets(
             self.split.top, params=self.config.sketch_params, probe_module=self.config.probe_module
         )

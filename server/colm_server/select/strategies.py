@@ -143,6 +143,7 @@ def _paper_features(sketch: Sketch, normalizer: AdamNormalizer | None,
 STRATEGIES: dict[str, Callable[[SelectionContext], Picked]] = {
     "colm": colm,
     "colm-paper": colm,  # the same chain; SelectorConfig.scoring() fixes the paper's settings
+    "colm-fast": colm,  # ... and the early-exit proxy's
     "random": random,
     "stratified": stratified,
     "loss": loss,
