@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argpa
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="after warmup")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the frozen base model is loaded in bfloat16 and the forward runs under "
+                   "bf16 autocast; the LoRA parameters, their gradients and the optimizer stay float32")
     p.add_argument("--micro-batch", type=int, default=0, metavar="M",
                    help="split each step's batch into micro-batches of at most M samples and accumulate the "
                    "gradient exactly (the memory of M, the gradient of the whole step)")
@@ -65,15 +68,22 @@ def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argpa
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
     p.add_argument("--push-every", type=int, default=0, help="push the adapter every N steps (0: never)")
     p.add_argument("--log-every", type=int, default=10, help="log every N steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the trainer's random streams (e.g. LoRA dropout); the LoRA initialisation "
+                   "is attach_lora's seed 0, the selector's, so both start from the same adapter")
     p.add_argument("--rank", type=int, help="pull this rank's coresets as an independent process (no "
                    "process group; it keeps its own adapter and checkpoints); default: torchrun's")
     p.add_argument("--world-size", type=int, help="the job's ranks, with --rank")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES",
+                   help="timeout of the DDP process group's collectives (torchrun ranks): a rank waiting "
+                   "this long for the others, e.g. while the selector restarts, fails the job (default 60)")
     args = p.parse_args(argv)
     if (args.rank is None) != (args.world_size is None):
         p.error("--rank and --world-size go together")
     if args.rank is not None and not 0 <= args.rank < args.world_size:
         p.error(f"--rank must be in [0, --world-size), got {args.rank} of {args.world_size}")
+    if not args.dist_timeout > 0:
+        p.error(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     if args.micro_batch < 0:
         p.error(f"--micro-batch must be >= 0 (0: the whole batch in one pass), got {args.micro_batch}")
     return args
@@ -81,18 +91,48 @@ def parse_args(argv: list[str] | None = None, prog: str = "colm-train") -> argpa
 
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, ddp): from ``--rank/--world-size`` (an independent process, no
-    process group) or from torchrun's environment (a process group when world > 1)."""
+    process group) or from torchrun's environment (a process group when world > 1).
+
+    Each process gets a GPU of its own when there are enough: under torchrun ``cuda:LOCAL_RANK``; with
+    ``--rank`` ``cuda:LOCAL_RANK`` when a launcher sets it, else ``cuda:(rank mod the device count)``,
+    so independent ranks on one machine spread over its GPUs (and share them when there are fewer).
+    """
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    local = os.environ.get("LOCAL_RANK")
     if args.rank is not None:
+        device = torch.device("cpu")
+        if cuda:
+            index = int(local) if local is not None else args.rank % torch.cuda.device_count()
+            device = _cuda_device(index)
         return args.rank, args.world_size, device, False
+    device = _cuda_device(int(local or 0)) if cuda else torch.device("cpu")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=args.dist_timeout))
         return dist.get_rank(), dist.get_world_size(), device, True
     return 0, 1, device, False
+
+
+def _cuda_device(index: int) -> torch.device:
+    """``cuda:index``, made the current device (NCCL and the allocator default to it)."""
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise ValueError(f"LOCAL_RANK {index} names no GPU: this machine has {count} "
+                         "(run at most one rank per GPU under torchrun)")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def load_trainer_model(args: argparse.Namespace, device: torch.device,
+                       adapter: Path | None = None) -> torch.nn.Module:
+    """The frozen base in the compute dtype (bfloat16 with ``--precision bf16``) plus LoRA in float32,
+    new (seed 0, as the selector's) or from ``adapter``, on ``device`` in train mode."""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    base = load_model(args.model, dtype=dtype, device=device, num_layers=args.num_layers)
+    peft_model = attach_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             targets=args.lora_targets, adapter=adapter)
+    return peft_model.to(device).train()
 
 
 def lr_lambda(args: argparse.Namespace):
@@ -128,7 +168,7 @@ def save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, schedule
 def train(args: argparse.Namespace) -> dict:
     """Train until `args.steps` optimizer steps are done; returns (and saves) this rank's summary.
 
-    ``summary-rank<r>.json`` in the output dir: last step and its loss, steps, samples and tokens
+    ``summary-rank<r>.json`` in the output dir: its device, last step and its loss, steps, samples and tokens
     trained by this process, its wall time, peak memory, and the memory held when the loop began
     (model, adapter and optimizer loaded), which tells what training itself adds.
     """
@@ -136,14 +176,11 @@ def train(args: argparse.Namespace) -> dict:
     owner = rank == 0 or not ddp  # writes checkpoints (under DDP rank 0 speaks for all)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)  # same LoRA init on every rank (DDP also broadcasts it)
+    torch.manual_seed(args.seed)  # same random streams on every rank (the LoRA init is seeded apart)
 
     # Model: the frozen base plus LoRA, fresh or from the latest checkpoint.
     ckpt = latest_checkpoint(out)
-    base = load_model(args.model, device=device, num_layers=args.num_layers)
-    peft_model = attach_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                             targets=args.lora_targets, adapter=ckpt / "adapter" if ckpt else None)
-    peft_model.to(device).train()
+    peft_model = load_trainer_model(args, device, ckpt / "adapter" if ckpt else None)
     model = DDP(peft_model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else peft_model
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -213,8 +250,8 @@ def train(args: argparse.Namespace) -> dict:
             sync.close()
         if ddp:
             dist.destroy_process_group()
-    summary = {"rank": rank, "world_size": world, "first_step": start, "step": step, "loss": loss_value,
-               "steps": trained, "samples": samples, "tokens": all_tokens,
+    summary = {"rank": rank, "world_size": world, "device": str(device), "first_step": start, "step": step,
+               "loss": loss_value, "steps": trained, "samples": samples, "tokens": all_tokens,
                "wall_seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(),
                "peak_device_bytes": peak_device_bytes(), "start_rss_bytes": start_rss,
                "start_device_bytes": start_device}

@@ -17,6 +17,7 @@ sees them, and every transformers call passes ``local_files_only=True``.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
@@ -173,7 +175,8 @@ def attach_lora(
     ``adapter`` is a folder saved by ``PeftModel.save_pretrained``; r/alpha/targets are then its own.
     A new adapter's random A matrices come from ``seed``: a selector and its trainers then start
     from the same adapter (B = 0, but the gradient of B depends on A), and so does a restarted
-    selector that has not received a push yet.
+    selector that has not received a push yet. The LoRA parameters are float32 whatever the base
+    model's dtype, and a new adapter is bit-identical on a bfloat16 and a float32 base.
     """
     if adapter is not None:
         folder = Path(adapter)
@@ -187,7 +190,7 @@ def attach_lora(
                 f"adapter_model.safetensors), got {str(folder)!r}"
             )
         with _quiet_peft():
-            return PeftModel.from_pretrained(model, folder, is_trainable=True)
+            return _lora_in_float32(PeftModel.from_pretrained(model, folder, is_trainable=True))
     if r < 1:
         raise ValueError(f"r: must be >= 1, got {r}")
     config = LoraConfig(
@@ -197,10 +200,40 @@ def attach_lora(
         target_modules=list(targets) if targets is not None else default_lora_targets(model),
         task_type="CAUSAL_LM",
     )
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _quiet_peft(), torch.random.fork_rng(devices=cuda):  # the caller's RNG streams stay as they were
-        torch.manual_seed(seed)
-        return get_peft_model(model, config)
+    # peft draws on the CPU from the global RNG (fork_rng keeps the caller's stream as it was; no
+    # CUDA device is forked, which would open a context on every GPU), and its draws are replaced.
+    with _quiet_peft(), torch.random.fork_rng(devices=[]):
+        peft_model = get_peft_model(model, config)
+    return _init_lora(_lora_in_float32(peft_model), seed)
+
+
+def _lora_in_float32(model: PeftModel) -> PeftModel:
+    """Hold every LoRA parameter in float32: peft casts a new adapter to the base layer's dtype
+    (and upcasts only bfloat16/float16 back), and the optimizer and pushes expect float32."""
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+@torch.no_grad()
+def _init_lora(model: PeftModel, seed: int) -> PeftModel:
+    """Draw every LoRA A anew in float32 on the CPU from ``seed`` (peft's kaiming-uniform) and zero B.
+
+    peft draws A in float32 but rounds it to the base layer's dtype before upcasting it, so a
+    bfloat16 selector and a float32 trainer would otherwise start from different adapters.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in sorted(module.lora_A):
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            draw = torch.empty(a.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator)
+            a.copy_(draw)
+            b.zero_()
+    return model
 
 
 @contextmanager
