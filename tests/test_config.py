@@ -135,6 +135,15 @@ def test_cross_section_checks():
         load_config(None, ["service.prefetch=8", "service.journal_retention=10"])
 
 
+def test_a_step_takes_a_large_batch_for_every_rank():
+    config = load_config(None, ["service.world_size=3", "selector.batch_size=4",
+                                "selector.large_batch_size=16"])
+    assert config.records_per_step == 3 * 16
+    step = config.step_selector()
+    assert (step.batch_size, step.large_batch_size) == (3 * 4, 3 * 16)
+    assert (config.selector.batch_size, config.selector.large_batch_size) == (4, 16)  # per rank, unchanged
+
+
 def test_fingerprint_follows_the_job_not_the_plumbing():
     base = load_config(None, [f"data.urls={URLS}"])
     moved = load_config(None, [f"data.urls={URLS}", "service.host=0.0.0.0", "service.port=0",

@@ -114,6 +114,8 @@ def test_model_free_strategies_need_no_model(batch):
     (dict(sketch_chunk=0), "sketch_chunk"),
     (dict(beta2=1.0), "beta2"),
     (dict(small_source_share=-0.1), "small_source_share"),
+    (dict(batch_size="8"), "^batch_size: expected int"),  # types are checked too, not only YAML's
+    (dict(keep_sources="gsm8k"), "^keep_sources: expected tuple"),
 ])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

@@ -237,7 +237,7 @@ def test_no_valid_record_is_a_clear_error(tmp_path, content):
 
 @pytest.mark.parametrize("bad", [
     {"urls": []}, {"urls": ""}, {"urls": ["a.tar", 3]}, {"seed": 1.5}, {"buffer": -1},
-    {"max_record_bytes": 0}, {"id_field": ""}, {"text_field": None},
+    {"max_record_bytes": 0}, {"id_field": ""}, {"text_field": None}, {"allow_pipe": "yes"}, {"buffer": True},
 ])
 def test_config_refuses_impossible_values_naming_the_field(bad):
     kwargs = {"urls": "shard-{0..3}.tar", **bad}

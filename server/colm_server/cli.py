@@ -33,15 +33,13 @@ def serve_main(argv: list[str], prog: str = "colm-stream serve") -> None:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        config.validate_for_serving()  # missing shards, token or TLS files: a usage error, not a traceback
-        config.service.check_work_dir()  # a file, or a folder it cannot write to: the same
-    except ValueError as exc:
-        parser.error(str(exc))
-    from colm_server.service.server import serve
+    config = config_from_args(args, parser)
+    from colm_server.service.server import ServingConfigError, serve
 
-    serve(config)
+    try:
+        serve(config)  # checks first that this machine can serve it (build_engine)
+    except ServingConfigError as exc:  # missing shards, token or TLS files, a bad work dir: usage errors
+        parser.error(str(exc))
 
 
 def model_main(argv: list[str], prog: str = "colm-stream model") -> None:

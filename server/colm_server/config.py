@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import operator
 import re
 import reprlib
 import sys
@@ -15,12 +16,13 @@ import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cache, reduce
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, FiniteFloat, TypeAdapter, ValidationError
 
 from colm_server.data.shards import ShardConfig, expand_urls
 from colm_server.select.config import SelectorConfig
@@ -158,8 +160,9 @@ class ServiceConfig:
     def check_work_dir(self) -> None:
         """ValueError naming ``service.work_dir`` unless it is a writable folder or can be made one.
 
-        Checked where the selector runs (not by ``Config.validate_for_serving``, which also vets a
-        deployment's config elsewhere); nothing is created here, the folder is made with the job.
+        Checked where the selector runs (with ``Config.validate_for_serving``, by the service's
+        ``build_engine``), not when vetting a deployment's config elsewhere; nothing is created here,
+        the folder is made with the job.
         """
         path, what = Path(self.work_dir), "cannot be checked"
         try:
@@ -210,6 +213,16 @@ class Config:
         _check(layers is None or self.selector.sketch_layers <= layers, "selector.sketch_layers",
                f"must not exceed model.num_layers ({layers}), got {self.selector.sketch_layers}")
 
+    @property
+    def records_per_step(self) -> int:
+        """W*L: the records one step takes from the stream, a large batch for each of the W ranks."""
+        return self.service.world_size * self.selector.large_batch_size
+
+    def step_selector(self) -> SelectorConfig:
+        """The selector of one step over all W ranks: it picks b*W samples of the step's W*L."""
+        return replace(self.selector, batch_size=self.selector.batch_size * self.service.world_size,
+                       large_batch_size=self.records_per_step)
+
     def validate_for_serving(self) -> None:
         """Raise ValueError when something a running selector needs is missing or unreadable.
 
@@ -240,48 +253,73 @@ def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint``, converting only losslessly (int to float, list to tuple)."""
+def _arms(hint: Any) -> tuple[Any, ...]:
+    """The types a union allows, or ``(hint,)``."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return typing.get_args(hint) if union else (hint,)
+
+
+def _pydantic_type(hint: Any) -> Any:
+    """``hint`` as pydantic checks it here: floats finite; a list or a tuple taken for either."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, value, arm)
-            except ValueError:
-                if isinstance(value, Mapping) and typing.get_origin(arm) is dict:
-                    raise  # a mapping where a mapping may be: what is wrong inside it says more
-    elif origin is dict:
-        if isinstance(value, Mapping):
-            for k in value:
-                _check(isinstance(k, str), key, f"keys must be text, got {_show(k)} "
-                       "(in YAML, quote keys such as no, on, 1 or null)")
-            return {k: _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            return origin(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # abs() <= max, not isfinite(): an int beyond float range would raise OverflowError there
-            _check(abs(value) <= sys.float_info.max, key, f"must be a finite number, got {_show(value)}")
-            return float(value)
-    elif hint in (bool, int, str):
-        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-            return value
-    else:
-        raise TypeError(f"{key}: unsupported field type {hint}")
-    raise ValueError(f"{key}: expected {_type_name(hint)}, got {_show(value)}")
+    if len(_arms(hint)) > 1:
+        return reduce(operator.or_, map(_pydantic_type, args))
+    if origin is dict:
+        return dict[args[0], _pydantic_type(args[1])]
+    if origin in (list, tuple):  # YAML has one kind of sequence; the field's kind is kept
+        kind = list[_pydantic_type(args[0])] if origin is list else tuple[_pydantic_type(args[0]), ...]
+        return Annotated[kind, BeforeValidator(lambda v: origin(v) if isinstance(v, (list, tuple)) else v)]
+    return FiniteFloat if hint is float else hint
+
+
+@cache
+def _adapter(hint: Any) -> TypeAdapter:
+    # strict: YAML has typed every value already, so '16' is no int, 1 no bool and 1.5 no int
+    return TypeAdapter(_pydantic_type(hint), config=ConfigDict(strict=True))
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` validated (and converted: int to float, list to tuple) as ``hint`` by pydantic.
+
+    A refusal names ``key``, or the entry at fault inside a mapping or list; a value of a union
+    names the union, unless it is a mapping where a mapping may be: what is wrong inside says more.
+    """
+    maps = [a for a in _arms(hint) if typing.get_origin(a) is dict]
+    if maps and isinstance(value, Mapping):
+        hint = maps[0]
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError as e:
+        first = min(e.errors(), key=lambda err: "[key]" not in err["loc"])  # keys first, as YAML reads
+    if len(_arms(hint)) > 1:
+        raise ValueError(f"{key}: expected {_type_name(hint)}, got {_show(value)}") from None
+    loc, got = first["loc"], _show(first["input"])
+    if "[key]" in loc:
+        raise ValueError(f"{_place(key, hint, loc[:-2])[0]}: keys must be text, got {got} "
+                         "(in YAML, quote keys such as no, on, 1 or null)") from None
+    key, hint = _place(key, hint, loc)
+    number = isinstance(first["input"], int) and not isinstance(first["input"], bool)
+    if first["type"] == "finite_number" or hint is float and number:
+        raise ValueError(f"{key}: must be a finite number, got {got}") from None  # nan, inf, 10**400
+    raise ValueError(f"{key}: expected {_type_name(hint)}, got {got}") from None
+
+
+def _place(key: str, hint: Any, loc: tuple[int | str, ...]) -> tuple[str, Any]:
+    """The key (``a.b``, ``a[0]``) and the type at ``loc``, a pydantic error's path into ``hint``."""
+    for part in loc:
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        key, hint = (f"{key}.{part}", args[1]) if origin is dict else (f"{key}[{part}]", args[0])
+    return key, hint
 
 
 def _check_types(obj: Any, section: str) -> None:
     for name, hint in _hints(type(obj)).items():
-        setattr(obj, name, _coerce(f"{section}.{name}", getattr(obj, name), hint))
+        setattr(obj, name, _typed(f"{section}.{name}", getattr(obj, name), hint))
 
 
 def _build_section(section: str, values: Mapping[str, Any]) -> Any:
     cls, hints = SECTIONS[section], _hints(SECTIONS[section])
-    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()
+    kwargs = {k: _typed(f"{section}.{k}", v, hints[k]) for k, v in values.items()
               if not (section == "data" and k == "urls" and v is None)}
     unset = section == "data" and "urls" not in kwargs
     if unset:  # validate every other data key now; data.urls stays None until serving

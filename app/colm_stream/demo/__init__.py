@@ -24,9 +24,12 @@ from colm_server.data.collate import Collator
 from colm_server.data.prepare import write_shards
 from colm_server.data.synthetic import TASKS, synthetic_stream
 from colm_server.model.load import attach_lora, load_model, load_tokenizer
+from colm_server.select.config import PRESETS, STRATEGIES
 from colm_stream.evaluate import SourceLosses, source_losses
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The strategies the demo compares: all but the presets, which are colm with other scoring settings.
+DEMO_STRATEGIES = tuple(s for s in STRATEGIES if s not in PRESETS)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class DemoConfig:
         for name in ("steps", "world", "records", "heldout_per_source", "base_steps", "push_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        unknown = set(self.strategies) - {"colm", "random", "stratified", "loss", "full"}
+        unknown = set(self.strategies) - set(DEMO_STRATEGIES)
         if unknown or not self.strategies:
             raise ValueError(f"strategies: unknown or none: {sorted(unknown) or self.strategies}")
 

@@ -27,15 +27,18 @@ import itertools
 import json
 import logging
 import random
+import reprlib
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import braceexpand
 import webdataset as wds
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
@@ -73,8 +76,14 @@ class ShardConfig:
     )
 
     def __post_init__(self) -> None:
+        for name, (hint, adapter) in _field_types().items():
+            try:
+                setattr(self, name, adapter.validate_python(getattr(self, name)))
+            except ValidationError:
+                raise ValueError(f"{name}: expected {_type_name(hint)}, "
+                                 f"got {reprlib.repr(getattr(self, name))}") from None
         patterns = [self.urls] if isinstance(self.urls, str) else self.urls
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and p.strip() for p in patterns):
+        if not all(p.strip() for p in patterns):
             raise ValueError(f"urls: must be a non-empty string or a list of them, got {self.urls!r}")
         try:
             shards = expand_urls(self.urls)
@@ -84,16 +93,26 @@ class ShardConfig:
             raise ValueError("urls: expands to no shard")
         if not self.allow_pipe and any(u.lstrip().startswith("pipe:") for u in shards):
             raise ValueError("urls: a pipe: URL runs a shell command; set allow_pipe=True to allow it")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed: must be an int, got {self.seed!r}")
-        if not isinstance(self.buffer, int) or self.buffer < 0:
-            raise ValueError(f"buffer: must be an int >= 0, got {self.buffer!r}")
-        if not isinstance(self.max_record_bytes, int) or self.max_record_bytes < 1:
-            raise ValueError(f"max_record_bytes: must be an int >= 1, got {self.max_record_bytes!r}")
+        if self.buffer < 0:
+            raise ValueError(f"buffer: must be >= 0, got {self.buffer}")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"max_record_bytes: must be >= 1, got {self.max_record_bytes}")
         for name in ("id_field", "source_field", "prompt_field", "response_field", "text_field"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must be a non-empty string, got ''")
         manifest_counts(self.urls)  # a manifest whose counts do not match its shards is refused here
+
+
+@cache
+def _field_types() -> dict[str, tuple[Any, TypeAdapter]]:
+    """Each ShardConfig field's type and its pydantic validator: strict (no '7' as 7, no 1 as True)."""
+    strict = ConfigDict(strict=True)
+    return {name: (hint, TypeAdapter(hint, config=strict))
+            for name, hint in get_type_hints(ShardConfig).items()}
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint)
 
 
 MAX_SHARDS = 1_000_000  # a pattern that spells out more is almost surely a typo, and costs memory

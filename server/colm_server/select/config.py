@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
+from typing import Any, get_args, get_type_hints
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from colm_server.select.facility import SIMILARITIES
 from colm_server.select.mixture import check_mixture
 
+# Every strategy's name; select.strategies maps each to its function and checks it has them all.
 STRATEGIES = ("colm", "colm-paper", "colm-fast", "random", "stratified", "loss", "full")
 SKETCHES = ("exact", "zo", "activations")
 SKETCH_PARAMS = ("probe", "adapter")
@@ -116,7 +122,14 @@ class SelectorConfig:
     block: int = field(default=65536, **_help("sketch coordinates processed per block"))
 
     def __post_init__(self) -> None:
-        self.keep_sources = tuple(self.keep_sources)
+        if isinstance(self.keep_sources, list):  # JSON's sequence: the journal's copy of this config
+            self.keep_sources = tuple(self.keep_sources)
+        for name, (hint, adapter) in _field_types().items():
+            try:
+                setattr(self, name, adapter.validate_python(getattr(self, name)))
+            except ValidationError:
+                raise ValueError(f"{name}: expected {_type_name(hint)}, "
+                                 f"got {reprlib.repr(getattr(self, name))}") from None
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("sketch", self.sketch, SKETCHES)
         _choice("sketch_params", self.sketch_params, SKETCH_PARAMS)
@@ -145,7 +158,6 @@ class SelectorConfig:
         if not 0.0 <= self.small_source_share < 1.0:
             raise ValueError(f"small_source_share must be in [0, 1), got {self.small_source_share}")
         self.mixture = check_mixture(self.mixture, self.mixture_temperature)
-        self.mixture_temperature = float(self.mixture_temperature)
         if self.strategy == "colm-paper" and self.mixture != "stream":
             raise ValueError(
                 f"mixture {self.mixture!r} needs weights, and strategy 'colm-paper' trains without them "
@@ -164,6 +176,21 @@ class SelectorConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text, for CLI flags and the README's table."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@cache
+def _field_types() -> dict[str, tuple[Any, TypeAdapter]]:
+    """Each field's type and its pydantic validator, but ``mixture``'s: ``check_mixture`` checks that.
+
+    Strict: no text taken as a number, no 1 as True, no 1.5 as 1 (an int is taken as a float).
+    """
+    strict = ConfigDict(strict=True)
+    return {name: (hint, TypeAdapter(hint, config=strict))
+            for name, hint in get_type_hints(SelectorConfig).items() if name != "mixture"}
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,7 +1,7 @@
 """Selection strategies behind one interface: ``strategy(ctx) -> (rows, weights)``.
 
 Each strategy is a plain function of a `SelectionContext`; `STRATEGIES` maps names to
-them. Adding one is a function and a registry line.
+them. Adding one is a function, a registry line and its name in ``select.config.STRATEGIES``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from colm_server.select.config import STRATEGIES as NAMES
 from colm_server.select.config import SelectorConfig
 from colm_server.select.facility import facility_location, pairwise_similarity
 from colm_server.select.normalize import AdamNormalizer
@@ -149,3 +150,5 @@ STRATEGIES: dict[str, Callable[[SelectionContext], Picked]] = {
     "loss": loss,
     "full": full,
 }
+if set(STRATEGIES) != set(NAMES):  # the names SelectorConfig accepts are the strategies there are
+    raise RuntimeError(f"strategies {sorted(STRATEGIES)} differ from SelectorConfig's {sorted(NAMES)}")

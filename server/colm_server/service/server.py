@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -44,6 +44,10 @@ ADAPTER_FILE = "adapter.pt"
 CALL_TIMEOUT = 30.0  # seconds a plain thread waits for a step of starting or stopping on the loop
 
 
+class ServingConfigError(ValueError):
+    """A config that loads but cannot be served here: no shards given, unreadable secrets, a bad work dir."""
+
+
 @dataclass
 class Engine:
     """What every selector replica loads: the model's live adapter, the collator, the selector
@@ -57,10 +61,17 @@ class Engine:
 
 
 def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
-    """Load model, tokenizer, selector and shards (the same on every replica)."""
-    config.validate_for_serving()
-    mc, sc = config.model, config.service
-    sc.check_work_dir()  # before the model loads: a bad work dir is a config error
+    """Load model, tokenizer, selector and shards (the same on every replica).
+
+    First the one check that ``config`` can be served here, for every way of serving (the CLI,
+    `SelectorServer`, replicas): ServingConfigError naming the key, before the model loads.
+    """
+    try:
+        config.validate_for_serving()
+        config.service.check_work_dir()
+    except ValueError as e:
+        raise ServingConfigError(str(e)) from None
+    mc = config.model
     device, dtype = mc.resolve(torch.cuda.is_available())
     model = load_model(mc.source, dtype=getattr(torch, dtype), num_layers=mc.num_layers)
     model = attach_lora(model, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
@@ -71,10 +82,7 @@ def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
     tc = config.tokenize
     collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
                         min_prompt_fraction=tc.min_prompt_fraction)
-    w = sc.world_size
-    sel_cfg = replace(config.selector, batch_size=config.selector.batch_size * w,
-                      large_batch_size=config.selector.large_batch_size * w)
-    selector = build_selector(model, sel_cfg, replicas=replicas.world > 1)
+    selector = build_selector(model, config.step_selector(), replicas=replicas.world > 1)
     sizes = manifest_sources(config.data.urls)
     if sizes:  # a restarted job then restores its own journaled counts over these
         selector.prime_sources(sizes)  # refuses a selector.mixture naming a source the data lacks
@@ -287,8 +295,7 @@ def serve(config: Config) -> None:
         engine = build_engine(config, replicas)
         logger.info("selector replica %d of %d following rank 0", replicas.rank, replicas.world)
         follow(selector=engine.selector, collator=engine.collator, stream=engine.stream,
-               adapter=engine.adapter, records_per_step=config.service.world_size
-               * config.selector.large_batch_size)
+               adapter=engine.adapter, records_per_step=config.records_per_step)
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a stop request is never lost
