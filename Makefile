@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/colm-stream demo
 
 lint: venv
-	$(PY) -m ruff check server client app tests bench
+	$(PY) -m ruff check server client app examples tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -130,7 +130,7 @@ def make_job(tmp_path):
         selector = FakeSelector(adapter)
         job = Job(selector=selector, collator=Collator(build_tokenizer(), max_length=32),
                   stream=FakeStream(), journal=Journal(tmp_path / f"work{len(jobs)}", retention=100),
-                  world_size=world_size, per_rank_large=L, prefetch=prefetch,
+                  world_size=world_size, records_per_step=world_size * L, prefetch=prefetch,
                   max_inflight=max_inflight, adapter=adapter, on_adapter=on_adapter)
         selector.job = job
         watch = job._cond = WatchedCondition(job)

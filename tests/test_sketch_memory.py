@@ -262,7 +262,7 @@ def test_the_service_reports_each_selections_own_device_peak(monkeypatch, tmp_pa
 
     selector = SimpleNamespace(select=select, target_shares=dict, state_dict=dict)
     job = Job(selector=selector, collator=Collator(build_tokenizer(), max_length=32), stream=Records(),
-              journal=Journal(tmp_path / "work"), world_size=1, per_rank_large=4, prefetch=2,
+              journal=Journal(tmp_path / "work"), world_size=1, records_per_step=4, prefetch=2,
               max_inflight=2)
     job._select_step(0)
     assert job.snapshot()["selection_peak_device_bytes"] == 1100

@@ -23,8 +23,8 @@ WEIGHTINGS = ("cluster", "uniform")
 # trains on the coreset without its weights (small sources kept whole are thus over-sampled).
 PAPER = dict(sketch="zo", zo_probes=1, sketch_layers=1, sketch_params="probe",
              probe_module="v_proj", normalize=True, sparsify=True, similarity="l1", weighting="uniform")
-# The cheap selector: the exact sketch of an early-exit proxy, the first FAST_LAYERS decoder layers
-# followed by the final norm and lm_head (bench/results/gradmatch-proxy.md, selector-cost.md).
+# The cheap selector: the exact sketch of an early-exit proxy, the first 4 decoder layers followed
+# by the final norm and lm_head (bench/results/gradmatch-proxy.md, selector-cost.md).
 FAST = dict(sketch="exact", scorer_layers=4, sketch_layers=0, sketch_params="adapter")
 PRESETS = {"colm-paper": PAPER, "colm-fast": FAST}
 

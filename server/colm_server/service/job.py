@@ -77,7 +77,7 @@ class Job:
         stream: ShardStream,
         journal: Journal,
         world_size: int,
-        per_rank_large: int,
+        records_per_step: int,
         prefetch: int,
         max_inflight: int,
         adapter: dict[str, torch.Tensor] | None = None,
@@ -87,7 +87,7 @@ class Job:
         leader: Leader | None = None,
     ):
         self.selector, self.collator, self.stream, self.journal = selector, collator, stream, journal
-        self.world_size, self.per_rank_large = world_size, per_rank_large
+        self.world_size, self.records_per_step = world_size, records_per_step  # W, and W*L
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.adapter = adapter or {}  # name -> live parameter tensor the selector scores with
         self.on_adapter = on_adapter  # persists an applied adapter (work dir)
@@ -206,7 +206,7 @@ class Job:
                     self._notify()
 
     def _select_step(self, step: int) -> None:
-        records = self.stream.take(self.world_size * self.per_rank_large)
+        records = self.stream.take(self.records_per_step)
         batch = self.collator(records)
         if self.leader is not None:
             self.leader.announce_step(step, batch.ids)

@@ -123,7 +123,7 @@ def build_job(config: Config, replicas: Replicas = SINGLE) -> tuple[Job, Collato
     job = Job(
         selector=engine.selector, collator=engine.collator, stream=engine.stream,
         journal=Journal(work, retention=sc.journal_retention), world_size=sc.world_size,
-        per_rank_large=config.selector.large_batch_size, prefetch=sc.prefetch,
+        records_per_step=config.records_per_step, prefetch=sc.prefetch,
         max_inflight=sc.max_inflight, adapter=engine.adapter, on_adapter=persist,
         leader=Leader(engine.adapter) if replicas.world > 1 else None,
     )
