@@ -78,7 +78,7 @@ def test_realised_shares_normalise_the_selected_weight():
     (dict(mixture={"a": 1e308, "b": 1e308}), "mixture: the shares must have a finite sum"),
     (dict(mixture=["a"]), "mixture must be one of"),
     (dict(mixture="temperature", mixture_temperature=0), "mixture_temperature must be"),
-    (dict(mixture_temperature=float("nan")), "mixture_temperature must be"),
+    (dict(mixture_temperature=float("nan")), "mixture_temperature: must be a finite number"),
 ])
 def test_bad_mixtures_are_refused_naming_the_field(bad, field):
     with pytest.raises(ValueError, match="^" + field):

@@ -8,24 +8,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import operator
 import re
-import reprlib
 import sys
 import tempfile
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
-from functools import cache, reduce
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, FiniteFloat, TypeAdapter, ValidationError
 
 from colm_server.data.shards import ShardConfig, expand_urls
 from colm_server.select.config import SelectorConfig
+from colm_server.typed import check_types, hints, show, typed
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -56,7 +52,7 @@ class ModelConfig:
     adapter: str | None = _field(None, "peft adapter folder to start from (its r/alpha/targets then rule)")
 
     def __post_init__(self) -> None:
-        _check_types(self, "model")
+        check_types(self, "model.")
         _check(self.source.strip() != "", "model.source", "must not be empty")
         _check(self.num_layers is None or self.num_layers >= 1, "model.num_layers",
                f"must be >= 1 or null, got {self.num_layers}")
@@ -87,7 +83,7 @@ class TokenizeConfig:
     min_prompt_fraction: float = _field(0.25, "share of max_length kept for the prompt's head if truncating")
 
     def __post_init__(self) -> None:
-        _check_types(self, "tokenize")
+        check_types(self, "tokenize.")
         _check(self.max_length >= 2, "tokenize.max_length", f"must be >= 2, got {self.max_length}")
         _check(0.0 <= self.min_prompt_fraction <= 1.0, "tokenize.min_prompt_fraction",
                f"must be in [0, 1], got {self.min_prompt_fraction}")
@@ -123,7 +119,7 @@ class ServiceConfig:
         2, "adapter pushes received at once (each holds at most the adapter's bytes); more wait for a slot")
 
     def __post_init__(self) -> None:
-        _check_types(self, "service")
+        check_types(self, "service.")
         for name in ("job_id", "host", "work_dir"):
             _check(getattr(self, name).strip() != "", f"service.{name}", "must not be empty")
         _check(0 <= self.port <= 65535, "service.port", f"must be in [0, 65535], got {self.port}")
@@ -235,91 +231,9 @@ class Config:
         self.service.tls_pair()
 
 
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-_REPR = reprlib.Repr()  # bounded: a YAML alias bomb must not be spelled out in an error message
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 6
-
-
-def _show(value: Any) -> str:
-    text = _REPR.repr(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
-
-
-def _arms(hint: Any) -> tuple[Any, ...]:
-    """The types a union allows, or ``(hint,)``."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    return typing.get_args(hint) if union else (hint,)
-
-
-def _pydantic_type(hint: Any) -> Any:
-    """``hint`` as pydantic checks it here: floats finite; a list or a tuple taken for either."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if len(_arms(hint)) > 1:
-        return reduce(operator.or_, map(_pydantic_type, args))
-    if origin is dict:
-        return dict[args[0], _pydantic_type(args[1])]
-    if origin in (list, tuple):  # YAML has one kind of sequence; the field's kind is kept
-        kind = list[_pydantic_type(args[0])] if origin is list else tuple[_pydantic_type(args[0]), ...]
-        return Annotated[kind, BeforeValidator(lambda v: origin(v) if isinstance(v, (list, tuple)) else v)]
-    return FiniteFloat if hint is float else hint
-
-
-@cache
-def _adapter(hint: Any) -> TypeAdapter:
-    # strict: YAML has typed every value already, so '16' is no int, 1 no bool and 1.5 no int
-    return TypeAdapter(_pydantic_type(hint), config=ConfigDict(strict=True))
-
-
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` validated (and converted: int to float, list to tuple) as ``hint`` by pydantic.
-
-    A refusal names ``key``, or the entry at fault inside a mapping or list; a value of a union
-    names the union, unless it is a mapping where a mapping may be: what is wrong inside says more.
-    """
-    maps = [a for a in _arms(hint) if typing.get_origin(a) is dict]
-    if maps and isinstance(value, Mapping):
-        hint = maps[0]
-    try:
-        return _adapter(hint).validate_python(value)
-    except ValidationError as e:
-        first = min(e.errors(), key=lambda err: "[key]" not in err["loc"])  # keys first, as YAML reads
-    if len(_arms(hint)) > 1:
-        raise ValueError(f"{key}: expected {_type_name(hint)}, got {_show(value)}") from None
-    loc, got = first["loc"], _show(first["input"])
-    if "[key]" in loc:
-        raise ValueError(f"{_place(key, hint, loc[:-2])[0]}: keys must be text, got {got} "
-                         "(in YAML, quote keys such as no, on, 1 or null)") from None
-    key, hint = _place(key, hint, loc)
-    number = isinstance(first["input"], int) and not isinstance(first["input"], bool)
-    if first["type"] == "finite_number" or hint is float and number:
-        raise ValueError(f"{key}: must be a finite number, got {got}") from None  # nan, inf, 10**400
-    raise ValueError(f"{key}: expected {_type_name(hint)}, got {got}") from None
-
-
-def _place(key: str, hint: Any, loc: tuple[int | str, ...]) -> tuple[str, Any]:
-    """The key (``a.b``, ``a[0]``) and the type at ``loc``, a pydantic error's path into ``hint``."""
-    for part in loc:
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        key, hint = (f"{key}.{part}", args[1]) if origin is dict else (f"{key}[{part}]", args[0])
-    return key, hint
-
-
-def _check_types(obj: Any, section: str) -> None:
-    for name, hint in _hints(type(obj)).items():
-        setattr(obj, name, _typed(f"{section}.{name}", getattr(obj, name), hint))
-
-
 def _build_section(section: str, values: Mapping[str, Any]) -> Any:
-    cls, hints = SECTIONS[section], _hints(SECTIONS[section])
-    kwargs = {k: _typed(f"{section}.{k}", v, hints[k]) for k, v in values.items()
+    cls, field_types = SECTIONS[section], hints(SECTIONS[section])
+    kwargs = {k: typed(f"{section}.{k}", v, field_types[k]) for k, v in values.items()
               if not (section == "data" and k == "urls" and v is None)}
     unset = section == "data" and "urls" not in kwargs
     if unset:  # validate every other data key now; data.urls stays None until serving
@@ -329,7 +243,7 @@ def _build_section(section: str, values: Mapping[str, Any]) -> Any:
     except ValueError as e:  # SelectorConfig and ShardConfig name the field without its section
         message = str(e)
         first = re.match(r"\w+", message)
-        if first and first.group() in hints:
+        if first and first.group() in field_types:
             raise ValueError(f"{section}.{message}") from None
         raise
     if unset:
@@ -340,7 +254,7 @@ def _build_section(section: str, values: Mapping[str, Any]) -> Any:
 def _key(section: Any, name: Any = None) -> None:
     """Refuse an unknown section or key, listing the valid ones."""
     if section not in SECTIONS:
-        raise ValueError(f"{_show(section)}: unknown section; valid sections: {', '.join(SECTIONS)}")
+        raise ValueError(f"{show(section)}: unknown section; valid sections: {', '.join(SECTIONS)}")
     valid = [f.name for f in fields(SECTIONS[section])]
     if name is not None and name not in valid:
         raise ValueError(f"{section}.{name}: unknown key; valid keys of {section}: {', '.join(valid)}")
@@ -350,12 +264,12 @@ def _collect(doc: Any, origin: str) -> dict[str, dict[str, Any]]:
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
-        raise ValueError(f"{origin}: expected a mapping of sections {list(SECTIONS)}, got {_show(doc)}")
+        raise ValueError(f"{origin}: expected a mapping of sections {list(SECTIONS)}, got {show(doc)}")
     values: dict[str, dict[str, Any]] = {}
     for section, body in doc.items():
         _key(section)
         if not isinstance(body, (Mapping, type(None))):
-            raise ValueError(f"{section}: expected a mapping of keys, got {_show(body)}")
+            raise ValueError(f"{section}: expected a mapping of keys, got {show(body)}")
         for name, value in (body or {}).items():
             _key(section, name)
             values.setdefault(section, {})[name] = value
@@ -367,16 +281,16 @@ def _parse_override(item: Any, values: dict[str, dict[str, Any]]) -> None:
     key, equals, text = item.partition("=") if isinstance(item, str) else ("", "", "")
     section, _, name = key.strip().partition(".")
     if not (equals and name):
-        raise ValueError(f"override {_show(item)}: expected section.key=value, e.g. selector.batch_size=16")
+        raise ValueError(f"override {show(item)}: expected section.key=value, e.g. selector.batch_size=16")
     _key(section, name)
-    hint = _hints(SECTIONS[section])[name]
+    hint = hints(SECTIONS[section])[name]
     takes_str = hint is str or str in typing.get_args(hint)
     takes_map = any(typing.get_origin(a) is dict for a in typing.get_args(hint))  # e.g. {a: 1, b: 2}
     try:
         value = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
         if not takes_str or text.lstrip().startswith(("[", "{") if takes_map else "["):
-            raise ValueError(f"{section}.{name}: cannot parse {_show(text)} ({type(e).__name__})") from None
+            raise ValueError(f"{section}.{name}: cannot parse {show(text)} ({type(e).__name__})") from None
         value = text.strip()
     kept = (str, list, type(None), dict) if takes_map else (str, list, type(None))
     if takes_str and not isinstance(value, kept):  # job_id=007 stays "007"

@@ -27,19 +27,18 @@ import itertools
 import json
 import logging
 import random
-import reprlib
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
 import braceexpand
 import webdataset as wds
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from colm_server.typed import check_types
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +75,7 @@ class ShardConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, (hint, adapter) in _field_types().items():
-            try:
-                setattr(self, name, adapter.validate_python(getattr(self, name)))
-            except ValidationError:
-                raise ValueError(f"{name}: expected {_type_name(hint)}, "
-                                 f"got {reprlib.repr(getattr(self, name))}") from None
+        check_types(self)
         patterns = [self.urls] if isinstance(self.urls, str) else self.urls
         if not all(p.strip() for p in patterns):
             raise ValueError(f"urls: must be a non-empty string or a list of them, got {self.urls!r}")
@@ -101,18 +95,6 @@ class ShardConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name}: must be a non-empty string, got ''")
         manifest_counts(self.urls)  # a manifest whose counts do not match its shards is refused here
-
-
-@cache
-def _field_types() -> dict[str, tuple[Any, TypeAdapter]]:
-    """Each ShardConfig field's type and its pydantic validator: strict (no '7' as 7, no 1 as True)."""
-    strict = ConfigDict(strict=True)
-    return {name: (hint, TypeAdapter(hint, config=strict))
-            for name, hint in get_type_hints(ShardConfig).items()}
-
-
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint)
 
 
 MAX_SHARDS = 1_000_000  # a pattern that spells out more is almost surely a typo, and costs memory

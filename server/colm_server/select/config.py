@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import cache
-from typing import Any, get_args, get_type_hints
-
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from colm_server.select.facility import SIMILARITIES
 from colm_server.select.mixture import check_mixture
+from colm_server.typed import check_types
 
 # Every strategy's name; select.strategies maps each to its function and checks it has them all.
 STRATEGIES = ("colm", "colm-paper", "colm-fast", "random", "stratified", "loss", "full")
@@ -122,14 +118,7 @@ class SelectorConfig:
     block: int = field(default=65536, **_help("sketch coordinates processed per block"))
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_sources, list):  # JSON's sequence: the journal's copy of this config
-            self.keep_sources = tuple(self.keep_sources)
-        for name, (hint, adapter) in _field_types().items():
-            try:
-                setattr(self, name, adapter.validate_python(getattr(self, name)))
-            except ValidationError:
-                raise ValueError(f"{name}: expected {_type_name(hint)}, "
-                                 f"got {reprlib.repr(getattr(self, name))}") from None
+        check_types(self, skip=("mixture",))  # check_mixture checks the mixture, below
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("sketch", self.sketch, SKETCHES)
         _choice("sketch_params", self.sketch_params, SKETCH_PARAMS)
@@ -176,21 +165,6 @@ class SelectorConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text, for CLI flags and the README's table."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-
-@cache
-def _field_types() -> dict[str, tuple[Any, TypeAdapter]]:
-    """Each field's type and its pydantic validator, but ``mixture``'s: ``check_mixture`` checks that.
-
-    Strict: no text taken as a number, no 1 as True, no 1.5 as 1 (an int is taken as a float).
-    """
-    strict = ConfigDict(strict=True)
-    return {name: (hint, TypeAdapter(hint, config=strict))
-            for name, hint in get_type_hints(SelectorConfig).items() if name != "mixture"}
-
-
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
