@@ -23,6 +23,7 @@ runs, on one thread, so runs made at different times on a busy machine are charg
     python bench/endtoend.py                        # tiny model, synthetic mixture, 16 seeds
     python bench/endtoend.py --seeds 0 1 --steps 40 # a quick look
     python bench/endtoend.py --preset smollm2 --device cuda --seeds 0 1 2
+    python bench/endtoend.py --scorer-layers 1 --work /tmp/e2e-proxy --out bench/results/endtoend-proxy.md
 
 The runs use the library path of the service: the selection engine (`build_selector`), the
 client's loss and micro-batch accumulation (`backward_micro_batches`), and a selector model of
@@ -87,6 +88,7 @@ class Preset:
     seeds: tuple[int, ...]
     runs: tuple[str, ...] = RUNS
     mixtures: tuple[str, ...] = MIXTURES
+    scorer_layers: int = 0  # colm scores with an early-exit proxy of this many layers (0: the model)
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -195,7 +197,8 @@ class Setup:
         b = self.preset.b
         large = ratio * b
         cfg = SelectorConfig(strategy=name, batch_size=large if name == "full" else b,
-                             large_batch_size=large, seed=seed, mixture=mixture)
+                             large_batch_size=large, seed=seed, mixture=mixture,
+                             scorer_layers=self.preset.scorer_layers if name == "colm" else 0)
         selector = build_selector(model if name in ("colm", "colm-paper") else None, cfg)
         selector.prime_sources(self.counts)
         return selector
@@ -389,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", nargs="+", choices=RUNS,
                    help="runs to make (default: the preset's; colm always)")
     p.add_argument("--mixtures", nargs="+", choices=MIXTURES, help="default: the preset's")
+    p.add_argument("--scorer-layers", type=int, default=0,
+                   help="colm scores with an early-exit proxy, the first K layers then the head (the "
+                        "cheap selector; colm-fast is K=2); 0: the whole model. Use its own --work")
     p.add_argument("--jobs", type=int, default=2, help="processes running (seed, ratio) jobs at once")
     p.add_argument("--cost-repeats", type=int, default=10, help="timed rounds of the cost phase")
     p.add_argument("--render-only", action="store_true",
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = tuple(dict.fromkeys(["colm", *(args.runs or preset.runs)]))  # the yardstick of the others
     preset = replace(preset, seeds=tuple(args.seeds or preset.seeds), runs=runs,
                      ratios=tuple(args.ratios or preset.ratios),
-                     mixtures=tuple(args.mixtures or preset.mixtures))
+                     mixtures=tuple(args.mixtures or preset.mixtures), scorer_layers=args.scorer_layers)
     steps = args.steps or preset.steps
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

@@ -232,6 +232,10 @@ def render(results: list[dict], meta: dict, out: Path) -> str:
         f"max length {s['max_length']}, held-out {s['heldout_per_source']} records per source, "
         f"adapter pushed to the selector every {s['push_every']} steps, seeds {runs.seeds} "
         f"(n={len(runs.seeds)}, paired: same stream and initial adapter per seed).", "",
+        *([f"**colm here scores with an early-exit proxy**: the model's first {s['scorer_layers']} decoder "
+           f"layer{'s' if s['scorer_layers'] > 1 else ''}, then its final norm and lm_head "
+           "(`selector.scorer_layers`; `colm-fast` is 2).", ""]
+          if s.get("scorer_layers") else []),
         "Loss is the held-out mean response-token loss: macro weighs sources equally, micro by "
         "their stream shares. A paired difference is colm minus the run, mean ± SE over seeds; "
         "negative favours colm; a verdict is given only beyond 2 SE.", "",

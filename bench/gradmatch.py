@@ -58,9 +58,9 @@ MODEL_METHODS: dict[str, dict] = {
     "exact, top 12 layers, D=1024": dict(strategy="colm", sketch_layers=12),
     "exact, all layers, D=1024 (default)": dict(strategy="colm"),
     "activations, all layers, D=1024 (forward only)": dict(strategy="colm", sketch="activations"),
-    # Early-exit proxies: the first k layers, then the final norm and lm_head (colm-fast is k=4).
-    "proxy: first 2 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=2),
-    "proxy: first 4 layers + exit, exact, D=1024 (colm-fast)": dict(strategy="colm-fast"),
+    # Early-exit proxies: the first k layers, then the final norm and lm_head (colm-fast is k=2).
+    "proxy: first 2 layers + exit, exact, D=1024 (colm-fast)": dict(strategy="colm-fast"),
+    "proxy: first 4 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=4),
     "proxy: first 8 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=8),
 }
 DEFAULT = "exact, all layers, D=1024 (default)"

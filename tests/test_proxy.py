@@ -60,31 +60,31 @@ def test_the_proxy_reads_the_adapter_of_the_layers_it_keeps_and_ignores_the_rest
     assert not torch.allclose(scorer.sketch(batch, step=0).features(), before)
 
 
-def test_colm_fast_is_the_exact_sketch_of_an_exit_after_four_layers(batch):
+def test_colm_fast_is_the_exact_sketch_of_an_exit_after_two_layers(batch):
     model = trained_lora(6)
     fast = build_selector(model, SelectorConfig(strategy="colm-fast", batch_size=8, large_batch_size=16))
     assert isinstance(fast, Selector)
-    assert fast.scoring_config.sketch == "exact" and fast.scoring_config.scorer_layers == 4
-    assert len(fast.scorer.split.layers) == 4 and fast.scorer.split.top == fast.scorer.split.layers
-    by_hand = build_selector(model, SelectorConfig(strategy="colm", scorer_layers=4, batch_size=8,
+    assert fast.scoring_config.sketch == "exact" and fast.scoring_config.scorer_layers == 2
+    assert len(fast.scorer.split.layers) == 2 and fast.scorer.split.top == fast.scorer.split.layers
+    by_hand = build_selector(model, SelectorConfig(strategy="colm", scorer_layers=2, batch_size=8,
                                                    large_batch_size=16))
     a, b = fast.select(batch, step=0), by_hand.select(batch, step=0)
     assert a.indices.tolist() == b.indices.tolist()
     torch.testing.assert_close(a.weights, b.weights)
 
 
-def test_colm_fast_on_a_model_of_at_most_four_layers_scores_the_whole_model(batch):
-    model = trained_lora(2)
+def test_colm_fast_on_a_model_of_at_most_two_layers_scores_the_whole_model(batch):
+    model = trained_lora(1)
     fast = build_selector(model, SelectorConfig(strategy="colm-fast", batch_size=8, large_batch_size=16))
     colm = build_selector(model, SelectorConfig(strategy="colm", batch_size=8, large_batch_size=16))
-    assert len(fast.scorer.split.layers) == 2
+    assert len(fast.scorer.split.layers) == 1
     assert fast.select(batch, step=0).indices.tolist() == colm.select(batch, step=0).indices.tolist()
 
 
 def test_colm_fast_is_chosen_by_name_from_yaml_and_set():
     assert from_dict({"selector": {"strategy": "colm-fast"}}).selector.strategy == "colm-fast"
     config = from_dict({}, overrides=["selector.strategy=colm-fast", "selector.mixture=balanced"])
-    assert config.selector.scoring().scorer_layers == 4 and config.selector.mixture == "balanced"
+    assert config.selector.scoring().scorer_layers == 2 and config.selector.mixture == "balanced"
 
 
 @pytest.mark.parametrize("kw, words", [
