@@ -69,14 +69,15 @@ def run_rank(rank: int, selector: str, out: str, ports: list[int]) -> None:
 
     class SaveGradient(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if rank == 0:
+            if rank == 0 and state.global_step == 1:  # step 1: the ranks' weight sums differ there
                 torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
                            out / "gradient.pt")
 
-    unclipped = args | {"max_steps": 1, "max_grad_norm": 0.0}
-    one_step = TrainingArguments(output_dir=str(out / "one-step"), **unclipped)
+    # Two steps at learning rate 0: step 1's gradient is taken at the initial adapter, unclipped.
+    unclipped = args | {"max_steps": 2, "max_grad_norm": 0.0, "learning_rate": 0.0}
+    at_init = TrainingArguments(output_dir=str(out / "at-init"), **unclipped)
     no_push = ColmArguments(selector=selector, model_source="tiny:llama")
-    ColmTrainer(model=peft_model(), args=one_step, colm=no_push, callbacks=[SaveGradient()]).train()
+    ColmTrainer(model=peft_model(), args=at_init, colm=no_push, callbacks=[SaveGradient()]).train()
     torch.distributed.destroy_process_group()
 
 
@@ -138,15 +139,15 @@ def test_rank_0_alone_pushes_every_2_steps(job):
 
 def test_ddp_gradient_is_exactly_the_whole_steps_weighted_gradient_with_unequal_rank_weights(job):
     srv, out = job
-    step0 = [ranks[0] for ranks in take_all(srv, 1)]
-    sums = [float(b.weights.sum()) for b in step0]
-    total = step0[0].step_weight_sum
+    step1 = [ranks[1] for ranks in take_all(srv, 2)]
+    sums = [float(b.weights.sum()) for b in step1]
+    total = step1[0].step_weight_sum
     assert total == pytest.approx(sum(sums), rel=1e-6)
     assert abs(sums[0] - sums[1]) > 0.05 * total  # unequal: normalising each rank by its own sum would differ
 
     def gradient(per_rank_normalised: bool) -> dict[str, torch.Tensor]:
         model = peft_model().train()
-        for b in step0:
+        for b in step1:
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             norm = None if per_rank_normalised else total
             loss = weighted_loss(logits, b.labels, b.weights, total_weight=norm, world_size=1)
