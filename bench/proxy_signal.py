@@ -29,27 +29,11 @@ import torch
 
 from colm_server.data.collate import Collator
 from colm_server.model.load import attach_lora, decoder_layers, load_model, load_tokenizer
-from colm_server.model.split import LayerSplit
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
-from colm_server.select.exact import per_sample_grads
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.selector import group_rows
-from colm_server.select.targets import sketch_targets
 from gradmatch import DATA, drawn_errors, fl_selection, read_records
-
-
-def proxy_grads(model, batch, k: int, micro: int) -> torch.Tensor:
-    """Exact per-sample LoRA gradients of the first ``k`` layers under the early-exit loss, ``[N, D_k]``."""
-    split = LayerSplit(model, num_top_layers=k, exit_after=k)
-    targets = sketch_targets(split.top, params="adapter", probe_module="v_proj")
-    rows = []
-    for i in range(0, len(batch), micro):
-        sub = batch.subset(list(range(i, min(i + micro, len(batch)))))
-        cache = split.prefix(sub.input_ids, sub.attention_mask, sub.labels)
-        grads, _ = per_sample_grads(split, cache, targets)
-        rows.append(torch.cat(grads, dim=1))
-    return torch.cat(rows)
 
 
 def distance_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             add(f"bottom {k} layers of g (true gradients)",
                 err=err(*fl_selection(bottom, groups, alloc, small)),
                 dist_corr=distance_correlation(bottom, g), cosine=1.0)
-            proxy = proxy_grads(model, batch, k, args.micro)
+            proxy = adapter_grads(model, batch, args.micro, exit_after=k)
             add(f"proxy: first {k} layers + exit", err=err(*fl_selection(proxy, groups, alloc, small)),
                 dist_corr=distance_correlation(proxy, g), cosine=mean_cosine(proxy, bottom))
         done = ", ".join(f"{n} {v['err'][-1]:.3f}" for n, v in rows.items())

@@ -54,17 +54,20 @@ def batch(collator) -> Batch:
     return collator(make_records({"big": 10, "mid": 5, "tiny": 1}, seed=1))
 
 
+def randomize_lora(model, seed: int):
+    """Every LoRA matrix drawn from N(0, 0.05²) with ``seed`` (B != 0: an adapter that has trained)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
 def lora_model(arch: str = "llama", seed: int = 0, trained: bool = True):
     """A tiny model with a LoRA adapter; `trained` gives B != 0 so A gets gradients too."""
     model = attach_lora(tiny_model(arch, seed=seed, num_layers=2), r=4, alpha=8)
-    if trained:
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.eval()
-    return model
+    return randomize_lora(model, seed + 1) if trained else model.eval()
 
 
 def spawn_ranks(fn, args: tuple, nprocs: int, timeout: float = 120.0) -> None:

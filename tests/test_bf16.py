@@ -18,7 +18,7 @@ from colm_server.select.scoring import Scorer
 from colm_server.select.sketch import LowRankSketch
 from colm_server.select.targets import sketch_targets
 from colm_server.select.zo import probe_directions, zo_sketch
-from conftest import make_records
+from conftest import make_records, randomize_lora
 
 DTYPES = [torch.float32, torch.bfloat16]
 WIDER = {torch.bfloat16: torch.float32, torch.float32: torch.float64}
@@ -30,13 +30,7 @@ def model_in(dtype: torch.dtype, num_layers: int = 2, lora: bool = True):
     model = tiny_model("llama", num_layers=num_layers, dtype=torch.bfloat16).to(dtype)
     if not lora:
         return model
-    model = attach_lora(model, r=4, alpha=8)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+    return randomize_lora(attach_lora(model, r=4, alpha=8), seed=1)
 
 
 def setup(model, batch, layers: int, params: str):

@@ -13,17 +13,13 @@ from colm_server.model.tiny import tiny_model
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.scoring import Scorer
 from colm_server.select.selector import Selector
+from conftest import randomize_lora
 
 
 def trained_lora(num_layers: int, seed: int = 0):
     """A tiny Llama of ``num_layers`` layers with a non-zero LoRA (so every LoRA matrix has a gradient)."""
-    model = attach_lora(tiny_model("llama", seed=seed, num_layers=num_layers), r=4, alpha=8)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+    return randomize_lora(attach_lora(tiny_model("llama", seed=seed, num_layers=num_layers), r=4, alpha=8),
+                          seed + 1)
 
 
 def cut_after(model, k: int):

@@ -20,17 +20,13 @@ from colm_server.select.exact import count_sketch, per_sample_grads, per_sample_
 from colm_server.select.targets import sketch_targets
 from colm_server.service.job import Job
 from colm_server.service.journal import Journal
+from conftest import randomize_lora
 
 
 def lora(dtype: torch.dtype, arch: str = "llama", dropout: float = 0.0):
     """A two-layer tiny model with a trained-looking adapter (B != 0), in ``dtype``."""
-    model = attach_lora(tiny_model(arch, num_layers=2, dtype=dtype), r=4, alpha=8, dropout=dropout)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+    return randomize_lora(attach_lora(tiny_model(arch, num_layers=2, dtype=dtype), r=4, alpha=8,
+                                      dropout=dropout), seed=1)
 
 
 def setup(model, batch, params="adapter"):

@@ -37,9 +37,9 @@ class SelectorConfig:
     strategy: str = field(
         default="colm",
         **_help(f"selection strategy, one of {STRATEGIES}; 'colm-paper' is CoLM as published "
-                "(zo K=1 on the last v_proj, normalize, sparsify, l1, uniform weights) and 'colm-fast' the "
-                "cheapest measured selector (exact sketch of the first 2 layers with an early exit), whatever the "
-                "sketch, scorer and weighting keys say"),
+                "(zo K=1 on the last v_proj, normalize, sparsify, l1, uniform weights) and 'colm-fast' "
+                "the cheapest measured selector (exact sketch of the first 2 layers with an early exit), "
+                "whatever the sketch, scorer and weighting keys say"),
     )
     batch_size: int = field(default=32, **_help("b: samples selected per large batch"))
     large_batch_size: int = field(default=64, **_help("L: samples in each large batch"))

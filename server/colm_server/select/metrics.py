@@ -17,10 +17,14 @@ def adapter_targets(model: nn.Module) -> list[SketchTarget]:
     return sketch_targets(list(decoder_layers(model)), params="adapter", probe_module="v_proj")
 
 
-def adapter_grads(model: nn.Module, batch: TokenBatch, micro_batch: int = 8) -> torch.Tensor:
-    """Exact per-sample gradients of every LoRA matrix, ``[N, D]``, a few samples at a time."""
-    split = LayerSplit(model, num_top_layers=len(decoder_layers(model)))
-    targets = adapter_targets(model)
+def adapter_grads(model: nn.Module, batch: TokenBatch, micro_batch: int = 8,
+                  exit_after: int | None = None) -> torch.Tensor:
+    """Exact per-sample gradients of every LoRA matrix, ``[N, D]``, a few samples at a time.
+
+    ``exit_after=k``: those of the first ``k`` layers' matrices under the early-exit proxy's loss
+    (layer ``k``'s output read by the final norm and lm_head), in the same column order."""
+    split = LayerSplit(model, num_top_layers=exit_after or len(decoder_layers(model)), exit_after=exit_after)
+    targets = sketch_targets(split.top, params="adapter", probe_module="v_proj")
     rows = []
     for i in range(0, len(batch), micro_batch):
         sub = batch.subset(list(range(i, min(i + micro_batch, len(batch)))))
