@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -185,14 +186,10 @@ def test_cli_prints_summary_and_urls(tmp_path, capsys):
         r["id"] for r in rows(4)]
 
 
-def test_folder_without_datasets_package_names_it(tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="datasets"):
-            prepare([tmp_path], tmp_path / "out")
-    else:
-        pytest.skip("datasets is installed; the missing-package error cannot be shown")
+def test_folder_without_datasets_package_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it fails
+    with pytest.raises(ImportError, match="pip install datasets"):
+        prepare([tmp_path], tmp_path / "out")
 
 
 def test_brace_pattern():
