@@ -91,6 +91,17 @@ def read_records(path: Path, seed: int) -> list[dict]:
     return rows
 
 
+def workload(source: str, data: Path, max_length: int, device: str = "cpu", seed: int = 0):
+    """The collator, the shuffled records and the model with a fresh LoRA (r=8 on q, k, v, o) that
+    the gradient-matching benchmarks share."""
+    tokenizer = load_tokenizer(source)
+    collator = Collator(tokenizer, max_length=max_length,
+                        chat_template=getattr(tokenizer, "chat_template", None) is not None)
+    model = attach_lora(load_model(source, device=device), r=8, alpha=16,
+                        targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
+    return collator, read_records(data, seed), model
+
+
 def plain_forward(model, batch: Batch):
     """What a trainer's inference forward of the large batch costs: all layers, all logits."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -386,19 +397,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    tokenizer = load_tokenizer(args.model)
-    collator = Collator(tokenizer, max_length=args.max_length,
-                        chat_template=getattr(tokenizer, "chat_template", None) is not None)
-    records = read_records(args.data, args.seed)
+    collator, records, model = workload(args.model, args.data, args.max_length, args.device, args.seed)
     source_counts = dict(Counter(r["source"] for r in records))
     need = (args.warmup + args.batches) * args.L
     train_part = records[: args.train_steps * args.train_batch]
     streams = {"zero-initialised (B = 0)": records[len(train_part):len(train_part) + need],
                f"after {args.train_steps} training steps": records[len(train_part) + need:
                                                                    len(train_part) + 2 * need]}
-    base = load_model(args.model, device=args.device)
-    model = attach_lora(base, r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model.to(args.device)
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     zero_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 

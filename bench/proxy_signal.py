@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from colm_server.data.collate import Collator
-from colm_server.model.load import attach_lora, decoder_layers, load_model, load_tokenizer
+from colm_server.model.load import decoder_layers
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.selector import group_rows
-from gradmatch import DATA, drawn_errors, fl_selection, read_records
+from gradmatch import DATA, drawn_errors, fl_selection, workload
 
 
 def distance_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,13 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model)
-    collator = Collator(tokenizer, max_length=args.max_length,
-                        chat_template=getattr(tokenizer, "chat_template", None) is not None)
-    records = read_records(args.data, 0)
+    collator, records, model = workload(args.model, args.data, args.max_length)
     counts = dict(Counter(r["source"] for r in records))
-    model = attach_lora(load_model(args.model), r=8, alpha=16,
-                        targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     depth = len(decoder_layers(model))
     sizes = [t.numel for t in adapter_targets(model)]
     per_layer = len(sizes) // depth  # LoRA matrices per layer, bottom layer first

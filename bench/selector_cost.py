@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from colm_client import backward_micro_batches
-from colm_server.data.collate import Batch, Collator
-from colm_server.model.load import attach_lora, decoder_layers, load_model, load_tokenizer
+from colm_server.data.collate import Batch
+from colm_server.model.load import decoder_layers
 from colm_server.select import SelectorConfig, build_selector
-from gradmatch import DATA, plain_forward, read_records
+from gradmatch import DATA, plain_forward, workload
 from measure import measure
 
 # name -> SelectorConfig overrides; every one keeps the service's defaults otherwise.
@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
 
-    tokenizer = load_tokenizer(args.model)
-    collator = Collator(tokenizer, max_length=args.max_length,
-                        chat_template=getattr(tokenizer, "chat_template", None) is not None)
-    records = read_records(args.data, 0)
-    model = attach_lora(load_model(args.model, device=args.device), r=8, alpha=16,
-                        targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
+    collator, records, model = workload(args.model, args.data, args.max_length, args.device)
     names = args.selectors or list(SELECTORS)
     selectors = {n: build_selector(model, SelectorConfig(batch_size=args.b, large_batch_size=args.L,
                                                          **SELECTORS[n])) for n in names}
