@@ -22,6 +22,19 @@ def scrape(srv: SelectorServer) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def status_and_scrape(srv: SelectorServer) -> tuple[dict, dict]:
+    """A status and a scrape of the same committed step.
+
+    The producer may still select up to ``prefetch`` steps after the ranks stop pulling, so a pair
+    read across one of those commits is read again; the prefetch bound ends the loop.
+    """
+    for _ in range(20):
+        s, m = status(target(srv)), scrape(srv)
+        if m[("colm_selected_steps", ())] == int(s["selected_steps"]):
+            return s, m
+    raise AssertionError("status and /metrics never showed the same step")
+
+
 @pytest.fixture()
 def served(tmp_path):
     srv = SelectorServer(make_config(tmp_path, **{"service.metrics_port": 0}))
@@ -32,7 +45,7 @@ def served(tmp_path):
 
 def test_metrics_agree_with_status_after_a_few_steps(served):
     take_all(served, 3)
-    s, m = status(target(served)), scrape(served)
+    s, m = status_and_scrape(served)
     steps = int(s["selected_steps"])
     assert m[("colm_selected_steps", ())] == steps >= 3
     seen = {dict(k[1])["source"]: v for k, v in m.items() if k[0] == "colm_source_seen_total"}
@@ -79,7 +92,7 @@ def test_target_and_realised_shares_per_source_agree_with_status(tmp_path):
     srv.start()
     try:
         take_all(srv, 3)
-        s, m = status(target(srv)), scrape(srv)
+        s, m = status_and_scrape(srv)
     finally:
         srv.stop(grace=1)
 
