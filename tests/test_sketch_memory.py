@@ -14,9 +14,10 @@ from colm_server.model.load import attach_lora
 from colm_server.model.split import LayerSplit
 from colm_server.model.tiny import build_tokenizer, tiny_model
 from colm_server.peak_memory import DevicePeakWindow, peak_device_bytes, reset_device_peak
-from colm_server.select import strategies
+from colm_server.select import SelectorConfig, build_selector, strategies
 from colm_server.select.activations import mean_inputs
 from colm_server.select.exact import count_sketch, per_sample_grads, per_sample_outer
+from colm_server.select.normalize import AdamNormalizer
 from colm_server.select.targets import sketch_targets
 from colm_server.service.job import Job
 from colm_server.service.journal import Journal
@@ -273,3 +274,18 @@ def test_phase_timings_wait_for_a_cuda_device_only(monkeypatch):
     assert cuda.synced == []
     strategies._clock(torch.device("cuda", 1))
     assert cuda.synced == [torch.device("cuda", 1)]
+
+
+def test_the_normalisers_update_is_waited_for_within_its_own_selection(monkeypatch, batch):
+    events: list[str] = []
+    clock = strategies._clock
+    update = AdamNormalizer.update
+    monkeypatch.setattr(strategies, "_clock", lambda device: events.append("clock") or clock(device))
+    monkeypatch.setattr(AdamNormalizer, "update",
+                        lambda self, *a: events.append("update") or update(self, *a))
+    model = attach_lora(tiny_model("llama", seed=0, num_layers=2), r=4, alpha=8)
+    selector = build_selector(model, SelectorConfig(strategy="colm-paper", batch_size=8, large_batch_size=16,
+                                                    zo_dim=32))
+    timings = selector.select(batch, step=0).stats["timings"]
+    assert events.index("update") < len(events) - 1 and events[-1] == "clock"  # clocked after it
+    assert timings["update"] >= 0 and timings["total"] >= timings["sketch"] + timings["update"]

@@ -114,7 +114,8 @@ def colm(ctx: SelectionContext) -> Picked:
     rows, weights = _cat(picked)
     if normalizer is not None:
         normalizer.update(sketch, rows.to(sketch.device), cfg.block)
-    ctx.timings.update(sketch=t1 - t0, features=t2 - t1, facility=t3 - t2)
+    t4 = _clock(sketch.device)  # the update's kernels belong to this selection's time, not the next
+    ctx.timings.update(sketch=t1 - t0, features=t2 - t1, facility=t3 - t2, update=t4 - t3)
     return rows, weights
 
 
