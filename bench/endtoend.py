@@ -6,19 +6,22 @@ adapter, once per way of choosing what a step trains on:
     colm        the default selector: b of L, whole-adapter gradient sketch, facility location
     colm-paper  CoLM as published: b of L, zo K=1 on the last v_proj, unweighted
     stratified  b of L, per source in proportion, small sources kept, weighted by stratum size
+    stratified-uniform  the same b, trained unweighted like colm-paper (``weighting: uniform``):
+                what colm-paper's mixture gives without a selector
     random      b of L, uniform
     full        all L, accumulated in micro-batches of b: the exact large-batch gradient at the
                 trainer memory of b
 
-under the target mixtures ``stream`` and ``balanced`` (``selector.mixture``; colm-paper trains
-unweighted, so it is one run under both). Every run warms up, then decays its learning rate on a
-cosine to its own last step, as `colm-train` does, and is scored on a fixed held-out set per
-source at its end (and along the way, for the plot). Runs are compared at equal steps and at
-equal cost: trainer-seconds (a selector on hardware of its own is free) and total
-processor-seconds (selector plus trainer). For an equal-cost pair the cheaper way of training is
-run again for as many steps as colm's cost buys it, its schedule ending there, as a user with
-that budget would run it. Costs per step are measured side by side in one phase before the
-runs, on one thread, so runs made at different times on a busy machine are charged alike.
+under the target mixtures ``stream`` and ``balanced`` (``selector.mixture``; colm-paper and
+stratified-uniform train unweighted, so each is one run under both). Every run warms up, then
+decays its learning rate on a cosine to its own last step, as `colm-train` does, and is scored
+on a fixed held-out set per source at its end (and along the way, for the plot). Runs are
+compared at equal steps and at equal cost: trainer-seconds (a selector on hardware of its own is
+free) and total processor-seconds (selector plus trainer). For an equal-cost pair the cheaper
+way of training is run again for as many steps as colm's cost buys it, its schedule ending
+there, as a user with that budget would run it. Costs per step are measured side by side in one
+phase before the runs, on one thread, so runs made at different times on a busy machine are
+charged alike.
 
     python bench/endtoend.py                        # tiny model, synthetic mixture, 16 seeds
     python bench/endtoend.py --seeds 0 1 --steps 40 # a quick look
@@ -59,11 +62,11 @@ from colm_server.model.load import attach_lora, load_model, load_tokenizer
 from colm_server.select import SelectorConfig, build_selector
 from colm_stream.evaluate import source_losses
 from colm_stream.train import lr_lambda
-from endtoend_report import equal_cost_steps, render
+from endtoend_report import UNWEIGHTED, equal_cost_steps, render
 from finetune import read_jsonl
 
 MIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared/data/math-mixture"
-RUNS = ("colm", "colm-paper", "stratified", "random", "full")
+RUNS = ("colm", "colm-paper", "stratified", "stratified-uniform", "random", "full")
 MIXTURES = ("stream", "balanced")
 EXTENDED = ("stratified", "full")  # also run at colm's cost, for the equal-cost pairs
 
@@ -196,8 +199,11 @@ class Setup:
     def selector(self, name: str, mixture: str, ratio: int, seed: int, model):
         b = self.preset.b
         large = ratio * b
-        cfg = SelectorConfig(strategy=name, batch_size=large if name == "full" else b,
+        uniform = name == "stratified-uniform"
+        cfg = SelectorConfig(strategy="stratified" if uniform else name,
+                             batch_size=large if name == "full" else b,
                              large_batch_size=large, seed=seed, mixture=mixture,
+                             weighting="uniform" if uniform else "cluster",
                              scorer_layers=self.preset.scorer_layers if name == "colm" else 0)
         selector = build_selector(model if name in ("colm", "colm-paper") else None, cfg)
         selector.prime_sources(self.counts)
@@ -291,7 +297,7 @@ def plan(preset: Preset, costs: dict, seed: int, ratio: int, steps: int) -> list
         lengths = {steps}
         if name in EXTENDED:
             lengths |= {equal_cost_steps(costs, name, ratio, steps, basis) for basis in ("trainer", "total")}
-        for mixture in (("stream",) if name == "colm-paper" else preset.mixtures):
+        for mixture in (("stream",) if name in UNWEIGHTED else preset.mixtures):
             for n in sorted(lengths):
                 k = preset.curve_points
                 grid = {max(1, round(n * i / k)) for i in range(1, k + 1)}

@@ -8,7 +8,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-BASELINES = ("stratified", "random", "full", "colm-paper")
+BASELINES = ("stratified", "random", "full", "colm-paper", "stratified-uniform")
+UNWEIGHTED = ("colm-paper", "stratified-uniform")  # trained unweighted: one run serves every mixture
 
 
 def step_costs(costs: dict, name: str, ratio: int) -> tuple[float, float]:
@@ -34,16 +35,17 @@ def paired(diffs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
-def verdict(mean: float, se: float, other: str) -> str:
+def verdict(mean: float, se: float, other: str, mine: str = "colm") -> str:
+    """Of a paired difference ``mine - other`` (lower is better)."""
     if math.isnan(se):
         return "one seed: unresolved"
     if abs(mean) <= 2 * se:
         return "within noise"
-    return "colm better beyond 2 SE" if mean < 0 else f"{other} better beyond 2 SE"
+    return f"{mine} better beyond 2 SE" if mean < 0 else f"{other} better beyond 2 SE"
 
 
 class Runs:
-    """The runs of every seed by (name, mixture, ratio, steps); colm-paper serves both mixtures."""
+    """The runs of every seed by (name, mixture, ratio, steps); an unweighted run serves every mixture."""
 
     def __init__(self, results: list[dict], costs: dict, steps: int):
         self.by: dict[tuple[str, str, int, int], dict[int, dict]] = {}
@@ -58,12 +60,12 @@ class Runs:
 
     def get(self, name: str, mixture: str, ratio: int, steps: int | None = None) -> dict[int, dict]:
         """Per seed, the run of ``steps`` steps (default: the equal-steps length)."""
-        if name == "colm-paper":
-            mixture = "stream"  # unweighted: the same run under every mixture
+        if name in UNWEIGHTED:
+            mixture = "stream"  # the same run under every mixture
         return self.by.get((name, mixture, ratio, self.steps if steps is None else steps), {})
 
     def lengths(self, name: str, mixture: str, ratio: int) -> list[int]:
-        if name == "colm-paper":
+        if name in UNWEIGHTED:
             mixture = "stream"
         return sorted(k[3] for k in self.by if k[:3] == (name, mixture, ratio))
 
@@ -207,6 +209,11 @@ def targets(runs: Runs) -> list[str]:
                 parts.append(f"at equal total processor-seconds below full L: {fmt(m, se)} (n={n}), "
                              f"{target(m, se)}")
             out.append(f"- **L/b={ratio}, {mixture}:** " + "; ".join(parts) + ".")
+        paper, free = (runs.at(n, "stream", ratio, "steps") for n in UNWEIGHTED)
+        if paper and free:  # is colm-paper's gain its selection or its unweighted mixture?
+            m, se, n = compare(paper, free)
+            out.append(f"- **L/b={ratio}, unweighted:** colm-paper − stratified-uniform at equal steps "
+                       f"{fmt(m, se)} (n={n}), {verdict(m, se, *reversed(UNWEIGHTED))}.")
     return out
 
 
