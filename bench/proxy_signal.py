@@ -1,9 +1,10 @@
 """Why an early-exit proxy does or does not select well: its gradients against the model's own.
 
 For a few large batches at the zero-initialised adapter (B = 0, where the whole model's sketch is
-needed most), it compares, sample by sample, the exact LoRA gradients of the first k layers as the
-early-exit proxy computes them (loss read by the final norm and lm_head right after layer k) with
-the same layers' exact gradients in the whole model (the loss after all layers). It separates the
+needed most; or after ``--train-steps`` steps of training it as `gradmatch.py` does), it compares,
+sample by sample, the exact LoRA gradients of the first k layers as the early-exit proxy computes
+them (loss read by the final norm and lm_head right after layer k) with the same layers' exact
+gradients in the whole model (the loss after all layers). It separates the
 two things a proxy changes: **which coordinates** (the first k layers only; the ``bottom k of g``
 rows: the model's true gradients of those layers) and **which backward signal** (the exit head's
 instead of the upper layers'; the ``proxy`` rows). For each it gives the per-sample cosine to the
@@ -47,7 +48,7 @@ from colm_server.select.exact import per_sample_grads
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.selector import group_rows
 from colm_server.select.targets import sketch_targets
-from gradmatch import DATA, drawn_errors, fl_selection, workload
+from gradmatch import DATA, drawn_errors, fl_selection, train_adapter, workload
 
 
 def distance_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration", type=int, default=4, help="batches the tuned exit is fitted on")
     p.add_argument("--exit-epochs", type=int, default=5)
     p.add_argument("--draws", type=int, default=50)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train the adapter first (batches of 8, Adam lr 1e-3, as gradmatch.py); 0: B = 0")
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/proxy-signal.md")
     args = p.parse_args(argv)
@@ -201,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     stratified = build_selector(None, SelectorConfig(strategy="stratified", batch_size=args.b,
                                                      large_batch_size=args.L))
     stratified.prime_sources(counts)
+    if args.train_steps:  # on the first records; the measured batches follow them
+        train_adapter(model, collator, records[:args.train_steps * 8], args.train_steps, 8, lr=1e-3)
+        records = records[args.train_steps * 8:]
 
     rows: dict[str, dict[str, list[float]]] = {}
     tuned: dict[int, TunedExit] = {}
@@ -254,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
              f"Command: `python bench/proxy_signal.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
              "",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads. Model: {args.model} "
-             f"({depth} layers), zero-initialised LoRA r=8, alpha=16 on q,k,v,o. L={args.L}, b={args.b}, "
+             f"({depth} layers), LoRA r=8, alpha=16 on q,k,v,o, "
+             f"{f'trained {args.train_steps} steps' if args.train_steps else 'zero-initialised'}. "
+             f"L={args.L}, b={args.b}, "
              f"max length {args.max_length}, {args.batches} batches of the math mixture. "
              f"Wall time {time.perf_counter() - start:.0f} s.",
              *([f"Tuned exits fitted on {args.calibration} other batches, {args.exit_epochs} epochs, "
