@@ -41,13 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from colm_server.model.load import decoder_layers
-from colm_server.model.split import LayerSplit, final_norm, output_head
+from colm_server.model.split import final_norm, output_head
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
-from colm_server.select.exact import per_sample_grads
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.selector import group_rows
-from colm_server.select.targets import sketch_targets
 from gradmatch import DATA, drawn_errors, fl_selection, train_adapter, workload
 
 
@@ -133,17 +131,15 @@ def train_tuned_exit(model: nn.Module, batches: list, k: int, micro: int, epochs
 
 
 def tuned_exit_grads(model: nn.Module, batch, k: int, tuned: TunedExit, micro: int) -> torch.Tensor:
-    """Per-sample LoRA gradients of the first k layers, the loss read through ``tuned``."""
-    split = LayerSplit(model, num_top_layers=k, exit_after=k)
-    split.norm = nn.Sequential(tuned, split.norm)
-    targets = sketch_targets(split.top, params="adapter", probe_module="v_proj")
-    rows = []
-    for i in range(0, len(batch), micro):
-        sub = batch.subset(list(range(i, min(i + micro, len(batch)))))
-        cache = split.prefix(sub.input_ids, sub.attention_mask, sub.labels)
-        grads, _ = per_sample_grads(split, cache, targets)
-        rows.append(torch.cat(grads, dim=1))
-    return torch.cat(rows)
+    """Per-sample LoRA gradients of the first k layers, the loss read through ``tuned`` (set before
+    the model's final norm while they are taken)."""
+    decoder = _lm(model).model
+    norm = decoder.norm
+    decoder.norm = nn.Sequential(tuned, norm)
+    try:
+        return adapter_grads(model, batch, micro, exit_after=k)
+    finally:
+        decoder.norm = norm
 
 
 def skip_grads(model: nn.Module, batch, k: int, micro: int, columns: int) -> torch.Tensor:
