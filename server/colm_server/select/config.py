@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from colm_server.select.facility import SIMILARITIES
@@ -10,9 +11,11 @@ from colm_server.typed import check_types
 
 # Every strategy's name; select.strategies maps each to its function and checks it has them all.
 STRATEGIES = ("colm", "colm-paper", "colm-fast", "random", "stratified", "loss", "full")
+MODEL_FREE = ("random", "stratified", "full")  # strategies that never run a model
 SKETCHES = ("exact", "zo", "activations")
 SKETCH_PARAMS = ("probe", "adapter")
 WEIGHTINGS = ("cluster", "uniform")
+SCORER_ADAPTERS = ("pushed", "own")
 
 # CoLM as published: ZO with one probe on the last layer's v_proj LoRA B, Adam-like
 # per-sample normalisation, top-|mean| sparsification, l1 facility location; and the paper's code
@@ -63,6 +66,21 @@ class SelectorConfig:
         default=0,
         **_help("score with an early-exit proxy: only the first k decoder layers, then the final norm "
                 "and lm_head (about k / layers of the cost); 0: the whole model"),
+    )
+    scorer_adapter: str = field(
+        default="pushed",
+        **_help("the scorer's LoRA: 'pushed' (the trainer's, as it pushes it) or 'own' (the scorer's "
+                "own, trained by the selector with one weighted AdamW step on each coreset it selects, "
+                "and journaled with it)"),
+    )
+    scorer_model: str = field(
+        default="",
+        **_help("score with another model that shares the trained model's tokenizer, as model.source "
+                "names it (needs scorer_adapter 'own'; refused at start when the vocabularies differ); "
+                "'': the trained model"),
+    )
+    scorer_lr: float = field(
+        default=1e-4, **_help("learning rate of the scorer's own LoRA (scorer_adapter 'own')")
     )
     probe_module: str = field(default="v_proj", **_help("module whose parameter is probed"))
     sketch_dim: int = field(
@@ -125,6 +143,7 @@ class SelectorConfig:
         _choice("sketch_params", self.sketch_params, SKETCH_PARAMS)
         _choice("similarity", self.similarity, SIMILARITIES)
         _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("scorer_adapter", self.scorer_adapter, SCORER_ADAPTERS)
         for name in ("batch_size", "large_batch_size", "sketch_dim", "sketch_chunk",
                      "zo_probes", "zo_dim", "chunk_tokens", "block"):
             if getattr(self, name) < 1:
@@ -140,6 +159,14 @@ class SelectorConfig:
                 f"batch_size (b={self.batch_size}) must not exceed "
                 f"large_batch_size (L={self.large_batch_size})"
             )
+        if self.scorer_model and self.scorer_adapter != "own":
+            raise ValueError(f"scorer_model ({self.scorer_model!r}) needs scorer_adapter 'own', got "
+                             f"{self.scorer_adapter!r}: another model cannot take the trainer's adapter")
+        if self.scorer_adapter == "own" and self.strategy in MODEL_FREE:
+            raise ValueError(f"scorer_adapter 'own' trains the scorer of a strategy that scores; "
+                             f"strategy {self.strategy!r} scores nothing")
+        if not (self.scorer_lr > 0 and math.isfinite(self.scorer_lr)):
+            raise ValueError(f"scorer_lr must be a finite number > 0, got {self.scorer_lr}")
         if not self.zo_eps > 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}")
         for name in ("beta1", "beta2"):

@@ -11,14 +11,13 @@ from torch import nn
 
 from colm_server.select.batch import TokenBatch
 from colm_server.select.budget import SourceTracker, allocate_budget
-from colm_server.select.config import SelectorConfig
+from colm_server.select.config import MODEL_FREE, SelectorConfig
 from colm_server.select.mixture import target_shares, weight_factors
 from colm_server.select.normalize import AdamNormalizer
+from colm_server.select.own_adapter import OwnAdapter
 from colm_server.select.replicas import ReplicaScorer
 from colm_server.select.scoring import Scorer
 from colm_server.select.strategies import STRATEGIES, SelectionContext
-
-_MODEL_FREE = ("random", "stratified", "full")
 
 
 @dataclass
@@ -44,15 +43,23 @@ class Selector:
     def __init__(self, model: nn.Module | None, config: SelectorConfig, *, replicas: bool = False):
         """``replicas``: split the scoring of every batch over torch.distributed's processes,
         which must all call `select` with the same batches (see `select.replicas`)."""
-        if model is None and config.strategy not in _MODEL_FREE:
+        if model is None and config.strategy not in MODEL_FREE:
             raise ValueError(f"strategy {config.strategy!r} needs a model")
         self.config = config
         self.scoring_config = config.scoring()  # colm-paper's fixed settings, resolved once
         self.scorer: Scorer | ReplicaScorer | None = None
+        self.own_adapter: OwnAdapter | None = None  # scorer_adapter 'own': trained after each selection
         if model is not None:
             self.scorer = Scorer(model, self.scoring_config)
             if replicas:
+                if config.scorer_adapter == "own":
+                    raise ValueError("scorer_adapter 'own' is not supported with selector replicas: "
+                                     "each replica would train its own copy of the scorer's adapter")
                 self.scorer = ReplicaScorer(self.scorer)
+            if config.scorer_adapter == "own":
+                sc = self.scoring_config
+                self.own_adapter = OwnAdapter(model, lr=sc.scorer_lr, scorer_layers=sc.scorer_layers,
+                                              chunk=sc.sketch_chunk, chunk_tokens=sc.chunk_tokens)
         self.tracker = SourceTracker()
         self.normalizer = AdamNormalizer(beta1=config.beta1, beta2=config.beta2)
 
@@ -109,8 +116,15 @@ class Selector:
         if cfg.mixture != "stream":  # to the target mixture: target share / stream share
             per_row = [factors[batch.sources[i]] for i in indices.tolist()]
             weights = weights.double() * torch.tensor(per_row, dtype=torch.float64)
+        scorer_loss = None
+        if self.own_adapter is not None:  # the scorer learns from what the trainer will train on
+            t0 = time.perf_counter()
+            scorer_loss = self.own_adapter.step(batch.subset(indices.tolist()), weights)
+            ctx.timings["scorer_train"] = time.perf_counter() - t0
         ctx.timings["total"] = time.perf_counter() - start
         stats = self._stats(batch, ctx, indices)
+        if scorer_loss is not None:
+            stats["scorer_loss"] = scorer_loss  # the coreset's weighted loss on the scorer, before its step
         targets = self.target_shares()
         for s, row in stats["sources"].items():
             row.update(target_share=targets[s], stream_share=self.tracker.share(s), factor=factors[s])
@@ -138,15 +152,23 @@ class Selector:
         }
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "config": self.config.to_dict(),
             "tracker": self.tracker.state_dict(),
             "normalizer": self.normalizer.state_dict(),
         }
+        if self.own_adapter is not None:
+            state["own_adapter"] = self.own_adapter.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.normalizer.load_state_dict(state["normalizer"])
+        if self.own_adapter is not None:
+            if "own_adapter" not in state:
+                raise ValueError("the saved selector state has no scorer adapter: it was saved with "
+                                 "scorer_adapter 'pushed'; resume with the same selector settings")
+            self.own_adapter.load_state_dict(state["own_adapter"])
 
 
 def build_selector(model: nn.Module | None, config: SelectorConfig, *, replicas: bool = False) -> Selector:
