@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from colm_server.config import Config, fingerprint
 from colm_server.data.collate import Collator
 from colm_server.data.shards import ShardStream, manifest_sources, unshuffled_manifests
-from colm_server.model.load import attach_lora, load_model, load_tokenizer
+from colm_server.model.load import attach_lora, decoder_layers, load_model, load_tokenizer, truncate_layers
 from colm_server.select import Selector, build_selector
 from colm_server.service.auth import TokenInterceptor, warn_if_exposed
 from colm_server.service.changes import Changes
@@ -73,16 +73,18 @@ def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
         raise ServingConfigError(str(e)) from None
     mc = config.model
     device, dtype = mc.resolve(torch.cuda.is_available())
+    own = config.selector.scorer_adapter == "own"
     model = load_model(mc.source, dtype=getattr(torch, dtype), num_layers=mc.num_layers)
     model = attach_lora(model, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
-                        targets=mc.lora_targets, adapter=mc.adapter).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)  # the selector never trains; sketches need no weight grads
+                        targets=mc.lora_targets, adapter=mc.adapter).eval()
+    # With a scorer of its own, the trained model only holds the pushed adapter: it stays on the host.
+    model = freeze(model if own else model.to(device))
     tokenizer = load_tokenizer(mc.source)
+    scorer = build_own_scorer(config, tokenizer, device, getattr(torch, dtype)) if own else model
     tc = config.tokenize
     collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
                         min_prompt_fraction=tc.min_prompt_fraction)
-    selector = build_selector(model, config.step_selector(), replicas=replicas.world > 1)
+    selector = build_selector(scorer, config.step_selector(), replicas=replicas.world > 1)
     sizes = manifest_sources(config.data.urls)
     if sizes:  # a restarted job then restores its own journaled counts over these
         selector.prime_sources(sizes)  # refuses a selector.mixture naming a source the data lacks
@@ -91,6 +93,38 @@ def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
                        "data.urls names no manifest with per-source counts")
     return Engine(adapter_state(model), collator, selector, ShardStream(config.data),
                   settings(mc.source, mc.num_layers, model))
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """No weight gradients: the sketches take their own, and an own adapter unfreezes its LoRA per step."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_own_scorer(config: Config, tokenizer, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model the selector scores with when it carries its own LoRA (``selector.scorer_adapter:
+    own``): ``selector.scorer_model``, or a copy of the trained model's, with only the layers the
+    early exit keeps and a new LoRA of the trained model's rank.
+
+    ServingConfigError, naming both models, when its tokenizer's vocabulary is not the trained
+    model's: its scores would be of other tokens."""
+    mc, sc = config.model, config.selector
+    source = sc.scorer_model or mc.source
+    if sc.scorer_model:
+        theirs = load_tokenizer(source)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ServingConfigError(
+                f"selector.scorer_model {source!r} has another tokenizer than model.source {mc.source!r} "
+                f"({len(theirs)} tokens against {len(tokenizer)}, or the same count with other ids): "
+                "a scorer must read the trained model's token ids")
+    scorer = load_model(source, dtype=dtype, num_layers=None if sc.scorer_model else mc.num_layers)
+    exit_after = sc.scoring().scorer_layers
+    if exit_after:  # only what the early exit runs (capped at the depth, as the scorer caps it)
+        truncate_layers(scorer, min(exit_after, len(decoder_layers(scorer))))
+    scorer = attach_lora(scorer, r=mc.lora_r, alpha=mc.lora_alpha,
+                         targets=None if sc.scorer_model else mc.lora_targets)
+    return freeze(scorer.to(device).eval())
 
 
 def build_job(config: Config, replicas: Replicas = SINGLE) -> tuple[Job, Collator, dict[str, str]]:
