@@ -27,6 +27,8 @@ charged alike.
     python bench/endtoend.py --seeds 0 1 --steps 40 # a quick look
     python bench/endtoend.py --preset smollm2 --device cuda --seeds 0 1 2
     python bench/endtoend.py --scorer-layers 1 --work /tmp/e2e-proxy --out bench/results/endtoend-proxy.md
+    python bench/endtoend.py --scorer-layers 1 --scorer-adapter own --work /tmp/e2e-own \
+        --out bench/results/endtoend-proxy-own.md
 
 The runs use the library path of the service: the selection engine (`build_selector`), the
 client's loss and micro-batch accumulation (`backward_micro_batches`), and a selector model of
@@ -92,6 +94,7 @@ class Preset:
     runs: tuple[str, ...] = RUNS
     mixtures: tuple[str, ...] = MIXTURES
     scorer_layers: int = 0  # colm scores with an early-exit proxy of this many layers (0: the model)
+    scorer_adapter: str = "pushed"  # colm's scorer: the trainer's adapter, or its own trained on its coresets
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -204,7 +207,9 @@ class Setup:
                              batch_size=large if name == "full" else b,
                              large_batch_size=large, seed=seed, mixture=mixture,
                              weighting="uniform" if uniform else "cluster",
-                             scorer_layers=self.preset.scorer_layers if name == "colm" else 0)
+                             scorer_layers=self.preset.scorer_layers if name == "colm" else 0,
+                             scorer_adapter=self.preset.scorer_adapter if name == "colm" else "pushed",
+                             scorer_lr=self.preset.lr)
         selector = build_selector(model if name in ("colm", "colm-paper") else None, cfg)
         selector.prime_sources(self.counts)
         return selector
@@ -335,7 +340,7 @@ def run_one(setup: Setup, spec: RunSpec) -> dict:
         for s, wi in zip(chosen.sources, w.tolist()):
             weight_by_source[s] = weight_by_source.get(s, 0.0) + wi
             count_by_source[s] = count_by_source.get(s, 0) + 1
-        if scorer is not None and (step + 1) % preset.push_every == 0:
+        if scorer is not None and selector.own_adapter is None and (step + 1) % preset.push_every == 0:
             _copy_adapter(model, scorer)
         if step + 1 in spec.eval_steps:
             curve.append({"step": step + 1, **setup.evaluate(model)})
@@ -401,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scorer-layers", type=int, default=0,
                    help="colm scores with an early-exit proxy, the first K layers then the head (the "
                         "cheap selector; colm-fast is K=2); 0: the whole model. Use its own --work")
+    p.add_argument("--scorer-adapter", choices=("pushed", "own"), default="pushed",
+                   help="colm's scorer takes the trainer's adapter every push_every steps ('pushed') or "
+                        "trains its own on each coreset it selects ('own'). Use its own --work")
     p.add_argument("--jobs", type=int, default=2, help="processes running (seed, ratio) jobs at once")
     p.add_argument("--cost-repeats", type=int, default=10, help="timed rounds of the cost phase")
     p.add_argument("--render-only", action="store_true",
@@ -414,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = tuple(dict.fromkeys(["colm", *(args.runs or preset.runs)]))  # the yardstick of the others
     preset = replace(preset, seeds=tuple(args.seeds or preset.seeds), runs=runs,
                      ratios=tuple(args.ratios or preset.ratios),
-                     mixtures=tuple(args.mixtures or preset.mixtures), scorer_layers=args.scorer_layers)
+                     mixtures=tuple(args.mixtures or preset.mixtures), scorer_layers=args.scorer_layers,
+                     scorer_adapter=args.scorer_adapter)
     steps = args.steps or preset.steps
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

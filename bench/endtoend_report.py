@@ -243,6 +243,10 @@ def render(results: list[dict], meta: dict, out: Path) -> str:
            f"layer{'s' if s['scorer_layers'] > 1 else ''}, then its final norm and lm_head "
            "(`selector.scorer_layers`; `colm-fast` is 2).", ""]
           if s.get("scorer_layers") else []),
+        *(["**colm's scorer carries its own LoRA** (`selector.scorer_adapter: own`): the selector trains "
+           "it with one weighted AdamW step (constant lr, the trainer's peak) on each coreset it selects, "
+           "and takes no adapter from the trainer.", ""]
+          if s.get("scorer_adapter") == "own" else []),
         "Loss is the held-out mean response-token loss: macro weighs sources equally, micro by "
         "their stream shares. A paired difference is colm minus the run, mean ± SE over seeds; "
         "negative favours colm; a verdict is given only beyond 2 SE.", "",

@@ -6,9 +6,9 @@
 Stages, each in a process of its own with its own time limit (a failure or a timeout is recorded
 and the next stages still run): preflight (imports, CUDA, the GGUF, the data; stops the run at once
 when something is missing), scorer (sketches on the device, bf16 against fp32), cost (a plain
-forward against the colm, colm-paper and colm-fast selections; determinism; facility location on
-the device against the CPU), job (a colm job through the real service with a bf16 trainer and
-adapter pushes) and ddp (two NCCL trainer ranks, one GPU each; needs 2+ GPUs). The report is
+forward against the colm, colm-paper and colm-fast selections, and colm-fast training its own
+LoRA; determinism; facility location on the device against the CPU), job (a colm job through the
+real service with a bf16 trainer and adapter pushes) and ddp (two NCCL trainer ranks, one GPU each; needs 2+ GPUs). The report is
 written after every stage, with the figures of every stage that ran.
 """
 
@@ -55,7 +55,10 @@ MIN_STAGE_SECONDS = 15  # a stage with less time left than this is not started
 EXACT_MIN_CORRELATION = 0.99  # of pairwise sketch distances, bf16 against fp32 (tests/test_bf16.py)
 ZO_MIN_CORRELATION = 0.98
 LORA = dict(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-SELECTIONS = {"colm (default)": "colm", "colm-paper": "colm-paper", "colm-fast": "colm-fast"}
+SELECTIONS = {"colm (default)": dict(strategy="colm"), "colm-paper": dict(strategy="colm-paper"),
+              "colm-fast": dict(strategy="colm-fast"),
+              # scores with a copy of the model and trains that copy's LoRA (fp32 on the bf16 base)
+              "colm-fast, own LoRA": dict(strategy="colm-fast", scorer_adapter="own")}
 
 
 @dataclass
@@ -220,9 +223,11 @@ def stage_cost(ctx: dict, rec: Recorder) -> None:
     _, fwd_s, fwd_mem = timed(forward)
     rec.figure("plain forward: seconds", fwd_s)
     rec.figure("plain forward: peak MiB", mib(fwd_mem))
-    for name, strategy in SELECTIONS.items():
-        sel = build_selector(model, SelectorConfig(strategy=strategy, batch_size=shape["b"],
-                                                   large_batch_size=shape["L"], seed=0))
+    for name, settings in SELECTIONS.items():
+        own = settings.get("scorer_adapter") == "own"
+        sel = build_selector(copy.deepcopy(model) if own else model,
+                             SelectorConfig(batch_size=shape["b"], large_batch_size=shape["L"], seed=0,
+                                            **settings))
         state = copy.deepcopy(sel.state_dict())
 
         def select(sel=sel, state=state):

@@ -16,6 +16,7 @@ inference forward of the same L samples.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -39,6 +40,7 @@ from colm_server.select.exact import count_sketch
 from colm_server.select.facility import facility_location, pairwise_similarity
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
 from colm_server.select.normalize import AdamNormalizer
+from colm_server.select.own_adapter import OwnAdapter
 from colm_server.select.selector import group_rows
 from colm_server.select.strategies import STRATEGIES, SelectionContext
 from colm_server.select.zo import probe_directions
@@ -62,6 +64,10 @@ MODEL_METHODS: dict[str, dict] = {
     "proxy: first 2 layers + exit, exact, D=1024 (colm-fast)": dict(strategy="colm-fast"),
     "proxy: first 4 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=4),
     "proxy: first 8 layers + exit, exact, D=1024": dict(strategy="colm", scorer_layers=8),
+    # The same exits with their own LoRA, which the selector trains on the samples the trainer gets
+    # (not the trainer's pushed adapter).
+    "proxy: first 2 layers + exit, own LoRA": dict(strategy="colm-fast", scorer_adapter="own"),
+    "proxy: first 4 layers + exit, own LoRA": dict(strategy="colm", scorer_layers=4, scorer_adapter="own"),
 }
 DEFAULT = "exact, all layers, D=1024 (default)"
 # Rows computed from the exact gradients g of the batch, with the projection the selector uses.
@@ -164,6 +170,34 @@ def train_adapter(model, collator: Collator, records: list[dict], steps: int, ba
     return second_moment(model, opt, beta2, steps)
 
 
+def own_methods(args) -> list[str]:
+    """The chosen methods whose scorer carries its own LoRA."""
+    return [n for n, over in MODEL_METHODS.items()
+            if over.get("scorer_adapter") == "own" and (not args.methods or n in args.methods)]
+
+
+def own_scorer(method: str, model, device: str):
+    """What an own-LoRA method scores with: its ``scorer_model`` with a new LoRA like `workload`'s,
+    or a copy of ``model``."""
+    source = MODEL_METHODS[method].get("scorer_model")
+    if not source:
+        return copy.deepcopy(model)
+    return attach_lora(load_model(source, device=device), r=8, alpha=16,
+                       targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
+
+
+def train_own_scorer(scorer, method: str, collator: Collator, records: list[dict], args) -> None:
+    """Train ``scorer``'s own LoRA as the selector would have: one step on each batch the trainer
+    trained on (`train_adapter`'s, unweighted), on the scorer's own exit."""
+    cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, **MODEL_METHODS[method]).scoring()
+    own = OwnAdapter(scorer, lr=args.lr, scorer_layers=cfg.scorer_layers, chunk=args.micro)
+    device = next(scorer.parameters()).device
+    for step in range(args.train_steps):
+        part = records[step * args.train_batch:(step + 1) * args.train_batch]
+        loss = own.step(collator(part).to(device), torch.ones(len(part)))
+        print(f"  [{method}] own step {step + 1}/{args.train_steps}: loss {loss:.3f}", flush=True)
+
+
 def second_moment(model, opt, beta2: float, steps: int) -> torch.Tensor:
     """Adam's v of each LoRA matrix, flattened in the order `adapter_grads` uses."""
     targets = adapter_targets(model)
@@ -211,8 +245,11 @@ def projected(g: torch.Tensor, sizes: list[int], dim: int, seed: int) -> torch.T
 
 
 def run_state(label: str, model, collator: Collator, stream: list[dict], args, v: torch.Tensor,
-              source_counts: dict[str, int], first_state: bool) -> dict[str, Record]:
-    """Warm the selectors up, then score every method on `args.batches` large batches."""
+              source_counts: dict[str, int], first_state: bool,
+              own_scorers: dict[str, torch.nn.Module]) -> dict[str, Record]:
+    """Warm the selectors up, then score every method on `args.batches` large batches.
+
+    ``own_scorers``: the model each ``scorer_adapter: own`` method scores with (and trains)."""
     device = next(model.parameters()).device
     depth = len(decoder_layers(model))  # --tiny models have fewer layers than some sketches
     selectors = {}
@@ -221,8 +258,9 @@ def run_state(label: str, model, collator: Collator, stream: list[dict], args, v
             continue
         over = {**over, "sketch_layers": min(over.get("sketch_layers", 0), depth),
                 "scorer_layers": min(over.get("scorer_layers", 0), depth)}
-        cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, seed=args.seed, **over)
-        selectors[name] = build_selector(model, cfg)
+        cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, seed=args.seed,
+                             scorer_lr=args.lr, **over)
+        selectors[name] = build_selector(own_scorers.get(name, model), cfg)
         selectors[name].prime_sources(source_counts)
     base_cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, seed=args.seed)
     sizes = [t.numel for t in adapter_targets(model)]
@@ -383,6 +421,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help="run real zo over all layers on one batch of the first state")
     p.add_argument("--methods", nargs="+", choices=MODEL_METHODS, metavar="NAME",
                    help=f"run only these selector rows (default: all of {list(MODEL_METHODS)})")
+    p.add_argument("--scorer-model", type=Path, nargs="*", default=[],
+                   help="folders of smaller models of the same tokenizer (bench/distill_proxy.py): a row "
+                        "each, scoring with the model and a LoRA of its own trained on its coresets")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -407,18 +448,29 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     zero_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
+    for path in args.scorer_model:  # a smaller model of the same tokenizer, its own LoRA
+        name = f"smaller model {path.name}, own LoRA"
+        MODEL_METHODS[name] = dict(strategy="colm", scorer_adapter="own", scorer_model=str(path))
+        if args.methods:
+            args.methods.append(name)
+    own_zero = {name: own_scorer(name, model, args.device) for name in own_methods(args)}  # untrained
     print(f"training the adapter for {args.train_steps} steps (Adam second moments) ...")
     v = train_adapter(model, collator, train_part, args.train_steps, args.train_batch, args.lr)
     trained_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    own_trained = {}
+    for name, scorer in own_zero.items():
+        own_trained[name] = copy.deepcopy(scorer)
+        train_own_scorer(own_trained[name], name, collator, train_part, args)
 
     results: dict[str, list[dict]] = {}
-    for (label, stream), state in zip(streams.items(), (zero_state, trained_state)):
+    for (label, stream), state, own in zip(streams.items(), (zero_state, trained_state),
+                                           (own_zero, own_trained)):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
         recs = run_state(label, model, collator, stream, args, v, source_counts,
-                         first_state=not results)
+                         first_state=not results, own_scorers=own)
         base_rec, ref = recs["stratified"], recs[REFERENCE]
         results[label] = [summarize(n, r, base_rec, ref) for n, r in recs.items()]
 
