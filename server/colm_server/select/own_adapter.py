@@ -79,7 +79,7 @@ class OwnAdapter:
             h = split.top_hidden(cache)
             losses, grad = split.losses_and_head_grad(h, cache)
             w = weights.to(grad.device)
-            h.backward(grad * w[cache.rows][:, None].to(grad.dtype))
+            h.backward((grad.float() * w[cache.rows][:, None]).to(h.dtype))  # weighted in fp32
         return float((losses.float() * w).sum())
 
     def state_dict(self) -> dict:
