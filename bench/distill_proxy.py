@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         schedule.step()
         if step % 10 == 0 or step == args.steps - 1:
             with torch.no_grad():
-                row = {"step": step, "kl": float(kl), "student_ce": float(response_loss(logits, batch.labels)),
+                row = {"step": step, "kl": float(kl),
+                       "student_ce": float(response_loss(logits, batch.labels)),
                        "teacher_ce": float(response_loss(teacher_logits, batch.labels))}
             log.append(row)
             print(f"step {step}: KL {row['kl']:.3f}, response CE student {row['student_ce']:.3f} "

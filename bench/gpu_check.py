@@ -8,8 +8,9 @@ and the next stages still run): preflight (imports, CUDA, the GGUF, the data; st
 when something is missing), scorer (sketches on the device, bf16 against fp32), cost (a plain
 forward against the colm, colm-paper and colm-fast selections, and colm-fast training its own
 LoRA; determinism; facility location on the device against the CPU), job (a colm job through the
-real service with a bf16 trainer and adapter pushes) and ddp (two NCCL trainer ranks, one GPU each; needs 2+ GPUs). The report is
-written after every stage, with the figures of every stage that ran.
+real service with a bf16 trainer and adapter pushes) and ddp (two NCCL trainer ranks, one GPU
+each; needs 2+ GPUs). The report is written after every stage, with the figures of every stage
+that ran.
 """
 
 from __future__ import annotations

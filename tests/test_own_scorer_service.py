@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from colm_client.stream import CoresetStream
 from colm_client.sync import AdapterSync
@@ -14,11 +15,10 @@ from colm_server.service.server import SelectorServer, ServingConfigError
 from colm_wire.adapter import adapter_state
 from conftest import lora_model
 from test_service import W, make_config, take, take_all, target
-from transformers import AutoModelForCausalLM
 
 
 def save_model(folder, *, num_layers: int, hidden: int, extra_tokens: tuple[str, ...] = ()) -> str:
-    """A random tiny Llama and its tokenizer saved as an HF folder (the tiny tokenizer plus ``extra_tokens``)."""
+    """A random tiny Llama and its tokenizer (the tiny one plus ``extra_tokens``) as an HF folder."""
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(list(extra_tokens))
     config = tiny_config("llama", vocab_size=len(tokenizer), num_layers=num_layers, hidden=hidden)
@@ -105,7 +105,8 @@ def test_a_restarted_selector_resumes_its_own_adapter_and_selects_as_if_never_st
         after = take_all(srv, 3, start_step=3)
         for rank in range(W):
             assert [b.ids for b in after[rank]] == [b.ids for b in expected[rank][3:6]]
-            assert [b.weights.tolist() for b in after[rank]] == [b.weights.tolist() for b in expected[rank][3:6]]
+            weights = [b.weights.tolist() for b in after[rank]]
+            assert weights == [b.weights.tolist() for b in expected[rank][3:6]]
         replay = take(CoresetStream(target(srv), rank=0, world_size=W, start_step=0), 3)
         assert [b.ids for b in replay] == [b.ids for b in expected[0][:3]]
     finally:

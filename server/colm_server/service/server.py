@@ -74,13 +74,15 @@ def build_engine(config: Config, replicas: Replicas = SINGLE) -> Engine:
     mc = config.model
     device, dtype = mc.resolve(torch.cuda.is_available())
     own = config.selector.scorer_adapter == "own"
+    tokenizer = load_tokenizer(mc.source)
+    if config.selector.scorer_model:
+        check_scorer_tokenizer(config, tokenizer)  # before any model loads
     model = load_model(mc.source, dtype=getattr(torch, dtype), num_layers=mc.num_layers)
     model = attach_lora(model, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
                         targets=mc.lora_targets, adapter=mc.adapter).eval()
     # With a scorer of its own, the trained model only holds the pushed adapter: it stays on the host.
     model = freeze(model if own else model.to(device))
-    tokenizer = load_tokenizer(mc.source)
-    scorer = build_own_scorer(config, tokenizer, device, getattr(torch, dtype)) if own else model
+    scorer = build_own_scorer(config, device, getattr(torch, dtype)) if own else model
     tc = config.tokenize
     collator = Collator(tokenizer, max_length=tc.max_length, chat_template=tc.chat_template,
                         min_prompt_fraction=tc.min_prompt_fraction)
@@ -102,22 +104,24 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_own_scorer(config: Config, tokenizer, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The model the selector scores with when it carries its own LoRA (``selector.scorer_adapter:
-    own``): ``selector.scorer_model``, or a copy of the trained model's, with only the layers the
-    early exit keeps and a new LoRA of the trained model's rank.
+def check_scorer_tokenizer(config: Config, tokenizer) -> None:
+    """ServingConfigError, naming both models, when ``selector.scorer_model``'s vocabulary is not
+    that of ``tokenizer`` (the trained model's): its scores would be of other tokens."""
+    source, trained = config.selector.scorer_model, config.model.source
+    theirs = load_tokenizer(source)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ServingConfigError(
+            f"selector.scorer_model {source!r} has another tokenizer than model.source {trained!r} "
+            f"({len(theirs)} tokens against {len(tokenizer)}, or the same count with other ids): "
+            "a scorer must read the trained model's token ids")
 
-    ServingConfigError, naming both models, when its tokenizer's vocabulary is not the trained
-    model's: its scores would be of other tokens."""
+
+def build_own_scorer(config: Config, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model the selector scores with when it carries its own LoRA (``selector.scorer_adapter:
+    own``): ``selector.scorer_model``, or a copy of the trained model, with only the layers the
+    early exit keeps and a new LoRA of the trained model's rank (not ``model.adapter``)."""
     mc, sc = config.model, config.selector
     source = sc.scorer_model or mc.source
-    if sc.scorer_model:
-        theirs = load_tokenizer(source)
-        if theirs.get_vocab() != tokenizer.get_vocab():
-            raise ServingConfigError(
-                f"selector.scorer_model {source!r} has another tokenizer than model.source {mc.source!r} "
-                f"({len(theirs)} tokens against {len(tokenizer)}, or the same count with other ids): "
-                "a scorer must read the trained model's token ids")
     scorer = load_model(source, dtype=dtype, num_layers=None if sc.scorer_model else mc.num_layers)
     exit_after = sc.scoring().scorer_layers
     if exit_after:  # only what the early exit runs (capped at the depth, as the scorer caps it)
