@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help=f"run only these selector rows (default: all of {list(MODEL_METHODS)})")
     p.add_argument("--scorer-model", type=Path, nargs="*", default=[],
                    help="folders of smaller models of the same tokenizer (bench/distill_proxy.py): a row "
-                        "each, scoring with the model and a LoRA of its own trained on its coresets")
+                        "each, scoring with the model and a LoRA of its own trained on its coresets; "
+                        "without --methods, only these rows")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -448,11 +449,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     zero_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
+    added = []
     for path in args.scorer_model:  # a smaller model of the same tokenizer, its own LoRA
-        name = f"smaller model {path.name}, own LoRA"
-        MODEL_METHODS[name] = dict(strategy="colm", scorer_adapter="own", scorer_model=str(path))
-        if args.methods:
-            args.methods.append(name)
+        added.append(f"smaller model {path.name}, own LoRA")
+        MODEL_METHODS[added[-1]] = dict(strategy="colm", scorer_adapter="own", scorer_model=str(path))
+    if added:  # with --methods as well, or alone
+        args.methods = [*(args.methods or []), *added]
     own_zero = {name: own_scorer(name, model, args.device) for name in own_methods(args)}  # untrained
     print(f"training the adapter for {args.train_steps} steps (Adam second moments) ...")
     v = train_adapter(model, collator, train_part, args.train_steps, args.train_batch, args.lr)
