@@ -40,7 +40,7 @@ def own_config(tmp_path, work: str = "work", **extra):
 
 def test_a_smaller_model_of_the_same_tokenizer_scores_and_trains_its_own_adapter(tmp_path):
     small = save_model(tmp_path / "small", num_layers=1, hidden=32)
-    srv = SelectorServer(own_config(tmp_path, **{"selector.scorer_model": small}))
+    srv = SelectorServer(own_config(tmp_path, **{"selector.scorer_model": small, "service.metrics_port": 0}))
     srv.start()
     try:
         scorer = srv.job.selector.scorer.split.model
@@ -50,6 +50,7 @@ def test_a_smaller_model_of_the_same_tokenizer_scores_and_trains_its_own_adapter
         assert all(len(b.ids) == 4 for rank in batches for b in rank)
         assert srv.job.selector.own_adapter.steps >= 3  # one step per selection
         assert any(not torch.equal(scorer_lora(srv)[n], start[n]) for n in start)
+        assert srv.metrics.registry.get_sample_value("colm_scorer_loss") > 0  # its training, watched
         # The trainer's pushes still land, in the trained model's adapter, and leave the scorer's alone.
         trainer = lora_model("llama", seed=3)
         sync = AdapterSync(target(srv), trainer, every=1, rank=0)

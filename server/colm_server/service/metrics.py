@@ -8,7 +8,7 @@ The selection latency histogram and the small-source counter are this process's 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,10 +33,15 @@ class SelectorMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.kept = Counter("colm_small_source_kept", "samples of small sources kept whole, per source",
                             ["source"], registry=self.registry)
+        self.scorer_loss = Gauge("colm_scorer_loss", "the last coreset's weighted loss on the scorer, "
+                                 "before the selector's step on its own adapter (scorer_adapter own)",
+                                 registry=self.registry)
 
     def observe(self, selection: Selection, seconds: float) -> None:
         """Record one step's selection (called by the job after the step is journaled)."""
         self.latency.observe(seconds)
+        if "scorer_loss" in selection.stats:
+            self.scorer_loss.set(selection.stats["scorer_loss"])
         for source, s in selection.stats.get("sources", {}).items():
             if s.get("kept_small"):
                 self.kept.labels(source).inc(s["selected"])
