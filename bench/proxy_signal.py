@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colm_server.model.load import decoder_layers
+from colm_server.model.load import attach_lora, decoder_layers, load_model
 from colm_server.model.split import final_norm, output_head
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
+from colm_server.select.own_adapter import OwnAdapter
 from colm_server.select.selector import group_rows
 from gradmatch import DATA, drawn_errors, fl_selection, train_adapter, workload
 
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=50)
     p.add_argument("--train-steps", type=int, default=0,
                    help="train the adapter first (batches of 8, Adam lr 1e-3, as gradmatch.py); 0: B = 0")
+    p.add_argument("--scorer-model", type=Path,
+                   help="also a smaller model of the same tokenizer (bench/distill_proxy.py) with a LoRA of "
+                        "its own like the model's, trained by the selector's step on the training batches")
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/proxy-signal.md")
     args = p.parse_args(argv)
@@ -200,8 +204,16 @@ def main(argv: list[str] | None = None) -> None:
     stratified = build_selector(None, SelectorConfig(strategy="stratified", batch_size=args.b,
                                                      large_batch_size=args.L))
     stratified.prime_sources(counts)
+    smaller = None
+    if args.scorer_model is not None:
+        smaller = attach_lora(load_model(str(args.scorer_model)), r=8, alpha=16,
+                              targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     if args.train_steps:  # on the first records; the measured batches follow them
         train_adapter(model, collator, records[:args.train_steps * 8], args.train_steps, 8, lr=1e-3)
+        if smaller is not None:  # its own LoRA, as the selector trains it on what the trainer trains on
+            own = OwnAdapter(smaller, lr=1e-3, chunk=args.micro)
+            for step in range(args.train_steps):
+                own.step(collator(records[step * 8:(step + 1) * 8]), torch.ones(8))
         records = records[args.train_steps * 8:]
 
     rows: dict[str, dict[str, list[float]]] = {}
@@ -247,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
             for name, proxy in proxies.items():
                 add(name, err=err(*fl_selection(proxy, groups, alloc, small)),
                     dist_corr=distance_correlation(proxy, g), cosine=mean_cosine(proxy, bottom))
+        if smaller is not None:  # its own parameters: no cosine with the model's, distances only
+            theirs = adapter_grads(smaller, batch, args.micro)
+            add(f"smaller model {args.scorer_model.name}, own LoRA",
+                err=err(*fl_selection(theirs, groups, alloc, small)), dist_corr=distance_correlation(theirs, g))
         done = ", ".join(f"{n} {v['err'][-1]:.3f}" for n, v in rows.items())
         print(f"batch {t + 1}/{args.batches}: {done}", flush=True)
 
