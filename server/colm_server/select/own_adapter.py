@@ -31,7 +31,8 @@ class OwnAdapter:
         exit_after = min(scorer_layers, depth) or None
         kept = exit_after or depth
         self.split = LayerSplit(model, kept, chunk_tokens=chunk_tokens, exit_after=exit_after)
-        self.params = {name: p for layer in self.split.layers for name, p in _lora_parameters(model, layer)}
+        kept = {id(p) for layer in self.split.layers for n, p in layer.named_parameters() if "lora_" in n}
+        self.params = {n: p for n, p in model.named_parameters() if id(p) in kept}  # model-level names
         if not self.params:
             raise ValueError("scorer_adapter 'own': the scorer has no LoRA matrices in the layers it runs")
         self.chunk = chunk
@@ -101,8 +102,3 @@ class OwnAdapter:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
 
-
-def _lora_parameters(model: nn.Module, layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(model-level name, parameter) of every LoRA matrix inside ``layer``."""
-    ids = {id(p) for n, p in layer.named_parameters() if "lora_" in n}
-    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
