@@ -103,9 +103,13 @@ def workload(source: str, data: Path, max_length: int, device: str = "cpu", seed
     tokenizer = load_tokenizer(source)
     collator = Collator(tokenizer, max_length=max_length,
                         chat_template=getattr(tokenizer, "chat_template", None) is not None)
-    model = attach_lora(load_model(source, device=device), r=8, alpha=16,
-                        targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
-    return collator, read_records(data, seed), model
+    return collator, read_records(data, seed), with_lora(source, device)
+
+
+def with_lora(source: str, device: str = "cpu"):
+    """``source`` loaded with the new LoRA the gradient-matching benchmarks share (r=8 on q, k, v, o)."""
+    return attach_lora(load_model(source, device=device), r=8, alpha=16,
+                       targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
 
 
 def plain_forward(model, batch: Batch):
@@ -182,20 +186,20 @@ def own_scorer(method: str, model, device: str):
     source = MODEL_METHODS[method].get("scorer_model")
     if not source:
         return copy.deepcopy(model)
-    return attach_lora(load_model(source, device=device), r=8, alpha=16,
-                       targets=["q_proj", "k_proj", "v_proj", "o_proj"]).to(device)
+    return with_lora(source, device)
 
 
-def train_own_scorer(scorer, method: str, collator: Collator, records: list[dict], args) -> None:
+def train_own_scorer(scorer, collator: Collator, records: list[dict], *, steps: int, batch: int, lr: float,
+                     micro: int, scorer_layers: int = 0, label: str = "own") -> None:
     """Train ``scorer``'s own LoRA as the selector would have: one step on each batch the trainer
-    trained on (`train_adapter`'s, unweighted), on the scorer's own exit."""
-    cfg = SelectorConfig(batch_size=args.b, large_batch_size=args.L, **MODEL_METHODS[method]).scoring()
-    own = OwnAdapter(scorer, lr=args.lr, scorer_layers=cfg.scorer_layers, chunk=args.micro)
+    trained on (`train_adapter`'s, unweighted), on the scorer's own loss (its exit's, with
+    ``scorer_layers``)."""
+    own = OwnAdapter(scorer, lr=lr, scorer_layers=scorer_layers, chunk=micro)
     device = next(scorer.parameters()).device
-    for step in range(args.train_steps):
-        part = records[step * args.train_batch:(step + 1) * args.train_batch]
+    for step in range(steps):
+        part = records[step * batch:(step + 1) * batch]
         loss = own.step(collator(part).to(device), torch.ones(len(part)))
-        print(f"  [{method}] own step {step + 1}/{args.train_steps}: loss {loss:.3f}", flush=True)
+        print(f"  [{label}] own step {step + 1}/{steps}: loss {loss:.3f}", flush=True)
 
 
 def second_moment(model, opt, beta2: float, steps: int) -> torch.Tensor:
@@ -462,7 +466,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     own_trained = {}
     for name, scorer in own_zero.items():
         own_trained[name] = copy.deepcopy(scorer)
-        train_own_scorer(own_trained[name], name, collator, train_part, args)
+        exit_after = SelectorConfig(**MODEL_METHODS[name]).scoring().scorer_layers
+        train_own_scorer(own_trained[name], collator, train_part, steps=args.train_steps,
+                         batch=args.train_batch, lr=args.lr, micro=args.micro, scorer_layers=exit_after,
+                         label=name)
 
     results: dict[str, list[dict]] = {}
     for (label, stream), state, own in zip(streams.items(), (zero_state, trained_state),

@@ -40,14 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colm_server.model.load import attach_lora, decoder_layers, load_model
+from colm_server.model.load import decoder_layers
 from colm_server.model.split import final_norm, output_head
 from colm_server.select import SelectorConfig, build_selector
 from colm_server.select.budget import allocate_budget
 from colm_server.select.metrics import GramMatching, adapter_grads, adapter_targets
-from colm_server.select.own_adapter import OwnAdapter
 from colm_server.select.selector import group_rows
-from gradmatch import DATA, drawn_errors, fl_selection, train_adapter, workload
+from gradmatch import DATA, drawn_errors, fl_selection, train_adapter, train_own_scorer, with_lora, workload
 
 
 def distance_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,14 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     stratified.prime_sources(counts)
     smaller = None
     if args.scorer_model is not None:
-        smaller = attach_lora(load_model(str(args.scorer_model)), r=8, alpha=16,
-                              targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+        smaller = with_lora(str(args.scorer_model))
     if args.train_steps:  # on the first records; the measured batches follow them
         train_adapter(model, collator, records[:args.train_steps * 8], args.train_steps, 8, lr=1e-3)
         if smaller is not None:  # its own LoRA, as the selector trains it on what the trainer trains on
-            own = OwnAdapter(smaller, lr=1e-3, chunk=args.micro)
-            for step in range(args.train_steps):
-                own.step(collator(records[step * 8:(step + 1) * 8]), torch.ones(8))
+            train_own_scorer(smaller, collator, records, steps=args.train_steps, batch=8, lr=1e-3,
+                             micro=args.micro, label=args.scorer_model.name)
         records = records[args.train_steps * 8:]
 
     rows: dict[str, dict[str, list[float]]] = {}
@@ -262,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         if smaller is not None:  # its own parameters: no cosine with the model's, distances only
             theirs = adapter_grads(smaller, batch, args.micro)
             add(f"smaller model {args.scorer_model.name}, own LoRA",
-                err=err(*fl_selection(theirs, groups, alloc, small)), dist_corr=distance_correlation(theirs, g))
+                err=err(*fl_selection(theirs, groups, alloc, small)),
+                dist_corr=distance_correlation(theirs, g))
         done = ", ".join(f"{n} {v['err'][-1]:.3f}" for n, v in rows.items())
         print(f"batch {t + 1}/{args.batches}: {done}", flush=True)
 
